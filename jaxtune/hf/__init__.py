@@ -1,0 +1,1 @@
+"""Hugging Face format conversion: config.json, safetensors weights, tokenizer files."""

@@ -1,0 +1,175 @@
+"""Reading and writing Hugging Face model directories: safetensors only, never pickles.
+
+`load_hf` takes a local directory or a hub id (downloading only json, safetensors and
+tokenizer files, never `*.bin` and never remote code), checks every tensor name and shape
+against the family's key table, and places each param on the mesh as it is read, so a
+model is never held twice. `save_hf` writes config.json, generation_config.json,
+(sharded) safetensors with an index, and the tokenizer with its chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from jaxtune import config as config_lib
+from jaxtune import tree
+from jaxtune.hf import config as hf_config
+from jaxtune.hf import keys
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def resolve(path_or_id: str) -> str:
+  """A local directory for `path_or_id`: itself if it is one, else a hub snapshot."""
+  if os.path.isdir(path_or_id):
+    return path_or_id
+  if os.path.exists(path_or_id):
+    raise ValueError(f"{path_or_id}: expected a model directory, got a file")
+  import huggingface_hub  # only needed for hub ids
+  try:
+    return huggingface_hub.snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
+  except Exception as e:  # offline, unknown id, gated: say which and why
+    raise ValueError(f"{path_or_id}: not a local directory and not downloadable from the hub "
+                     f"({type(e).__name__}: {e})") from e
+
+
+def read_config(model_dir: str, base: config_lib.ModelConfig | None = None):
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"{model_dir}: no config.json")
+  with open(path) as f:
+    return hf_config.from_hf(json.load(f), base, source=path)
+
+
+class _Tensors:
+  """Lazy access to the tensors of one or many safetensors files in a directory."""
+
+  def __init__(self, model_dir: str):
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+      if not files:
+        others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
+        raise ValueError(f"{model_dir}: no *.safetensors weights"
+                         + (f" (found {others}: pickled weights are never loaded; convert them "
+                            "to safetensors first)" if others else ""))
+    self._handles = {}
+    self.shapes: dict[str, tuple[int, ...]] = {}
+    self._where: dict[str, str] = {}
+    for name in files:
+      h = safetensors.safe_open(os.path.join(model_dir, name), framework="np")
+      self._handles[name] = h
+      for k in h.keys():
+        self._where[k] = name
+        self.shapes[k] = tuple(h.get_slice(k).get_shape())
+
+  def get(self, key: str) -> np.ndarray:
+    return self._handles[self._where[key]].get_tensor(key)
+
+
+def load_hf(path_or_id: str, dtype=jnp.float32, *,
+            base: config_lib.ModelConfig | None = None,
+            place: Callable[[str, np.ndarray], Any] | None = None):
+  """(ModelConfig, params) from an HF directory or hub id.
+
+  dtype: storage dtype of the returned params. `place(path, host_array)` puts one param
+  where it belongs (e.g. `jax.device_put` with its NamedSharding, or quantise-then-put);
+  the default is `jnp.asarray` on the default device.
+  """
+  model_dir = resolve(path_or_id)
+  cfg = read_config(model_dir, base)
+  tensors = _Tensors(model_dir)
+  keys.check_keys(cfg, tensors.shapes, model_dir)
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  place = place or (lambda _, x: jnp.asarray(x))
+  flat = {}
+  for path, host in keys.to_params(cfg, tensors.get):
+    flat[path] = place(path, host.astype(np_dtype))
+  return cfg, tree.unflatten(flat)
+
+
+def to_host(x) -> np.ndarray:
+  """A full host copy of a (possibly multi-host sharded) array."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], out_dir: str, *,
+                     max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> list[str]:
+  """Writes model.safetensors, or model-0000k-of-0000n.safetensors + index when large."""
+  os.makedirs(out_dir, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for k in sorted(tensors):
+    n = tensors[k].nbytes
+    if shards[-1] and size + n > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][k] = tensors[k]
+    size += n
+  meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+  if len(shards) == 1:
+    safetensors.numpy.save_file(shards[0], os.path.join(out_dir, "model.safetensors"), meta)
+    return ["model.safetensors"]
+  names, weight_map = [], {}
+  for j, shard in enumerate(shards):
+    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+    safetensors.numpy.save_file(shard, os.path.join(out_dir, name), meta)
+    names.append(name)
+    weight_map.update({k: name for k in shard})
+  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+           "weight_map": weight_map}
+  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+  return names
+
+
+def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=None, *,
+            dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
+            metadata: dict | None = None) -> str:
+  """Writes an HF model directory that `transformers.AutoModelForCausalLM` loads.
+
+  dtype: 'float32' | 'bfloat16' | 'float16' (default: cfg.param_dtype). Quantised leaves
+  must be dequantised (or merged) before export. Only process 0 writes; all processes
+  must call it (gathering sharded params is collective).
+  """
+  dtype = dtype or cfg.param_dtype
+  flat = {}
+  for path, x in tree.flatten(params).items():
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      raise ValueError(f"save_hf: param {path} is a {type(x).__name__}; dequantise or merge "
+                       "it to a dense array first")
+    flat[path] = to_host(x).astype(_NP_DTYPES[dtype])
+  if jax.process_index() != 0:
+    return out_dir
+  os.makedirs(out_dir, exist_ok=True)
+  save_safetensors(keys.to_hf(cfg, flat), out_dir, max_shard_bytes=max_shard_bytes,
+                   metadata=metadata)
+  hf = hf_config.to_hf(cfg, dtype=dtype)
+  if metadata:
+    hf["jaxtune"] = metadata
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
+  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+    json.dump(gen, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir

@@ -1,0 +1,137 @@
+"""The declarative HF <-> jaxtune key tables and their exact inverse.
+
+Each family is a table of (HF key template, param path, transpose). `{i}` in a template is
+the layer index; those rows map to a param stacked over layers on its leading axis.
+`transpose` turns HF's torch Linear weight [out, in] into a kernel [in, out]. The same table
+read backwards is the export, so import followed by export is bit-identical.
+
+    >>> to_params(cfg, {"model.layers.0.mlp.up_proj.weight": w0, ...})["layers/mlp/up_proj/kernel"]
+    np.stack([w0.T, w1.T, ...])                      # [L, D, F]
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from jaxtune import config as config_lib
+from jaxtune.models import decoder
+
+Row = tuple[str, str, bool]
+
+_BASE: tuple[Row, ...] = (
+    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
+    ("model.layers.{i}.input_layernorm.weight", "layers/input_layernorm/scale", False),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers/self_attn/q_proj/kernel", True),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers/self_attn/k_proj/kernel", True),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers/self_attn/v_proj/kernel", True),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers/self_attn/o_proj/kernel", True),
+    ("model.layers.{i}.post_attention_layernorm.weight",
+     "layers/post_attention_layernorm/scale", False),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/gate_proj/kernel", True),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/up_proj/kernel", True),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/down_proj/kernel", True),
+    ("model.norm.weight", "norm/scale", False),
+    ("lm_head.weight", "lm_head/kernel", True),
+)
+_QKV_BIAS: tuple[Row, ...] = (
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers/self_attn/q_proj/bias", False),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers/self_attn/k_proj/bias", False),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers/self_attn/v_proj/bias", False),
+)
+_QK_NORM: tuple[Row, ...] = (
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers/self_attn/q_norm/scale", False),
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers/self_attn/k_norm/scale", False),
+)
+
+TABLES: dict[str, tuple[Row, ...]] = {
+    "llama": _BASE,
+    "mistral": _BASE,
+    "qwen2": _BASE + _QKV_BIAS,
+    "qwen3": _BASE + _QK_NORM,
+}
+
+# HF keys that may be present and carry nothing we need.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def rows(cfg: config_lib.ModelConfig) -> list[Row]:
+  """The family's rows restricted to the params this config has (e.g. no lm_head if tied)."""
+  have = decoder.shapes(cfg)
+  return [r for r in TABLES[cfg.family] if r[1] in have]
+
+
+def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
+  """{HF key: expected HF shape} for every tensor of an HF checkpoint of this config."""
+  shapes = decoder.shapes(cfg)
+  out = {}
+  for template, path, transpose in rows(cfg):
+    shape = shapes[path]
+    if "{i}" in template:
+      shape = shape[1:]
+      for i in range(cfg.num_layers):
+        out[template.format(i=i)] = tuple(reversed(shape)) if transpose else shape
+    else:
+      out[template] = tuple(reversed(shape)) if transpose else shape
+  return out
+
+
+def check_keys(cfg: config_lib.ModelConfig, present: dict[str, tuple[int, ...]],
+               source: str) -> None:
+  """Errors on any unknown, missing or mis-shaped tensor, naming key and shapes."""
+  expected = hf_shapes(cfg)
+  extra = {}
+  for k, shape in present.items():
+    if k in expected or k.endswith(IGNORED_SUFFIXES):
+      continue
+    if k == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue  # some tied checkpoints store the tied copy as well
+    extra[k] = shape
+  if extra:
+    listed = ", ".join(f"{k} {list(s)}" for k, s in sorted(extra.items())[:8])
+    raise ValueError(f"{source}: {len(extra)} unknown tensor(s) for a {cfg.family} model: "
+                     f"{listed}")
+  missing = {k: s for k, s in expected.items() if k not in present}
+  if missing:
+    listed = ", ".join(f"{k} (expected {list(s)})" for k, s in sorted(missing.items())[:8])
+    raise ValueError(f"{source}: {len(missing)} missing tensor(s): {listed}")
+  for k, s in expected.items():
+    if tuple(present[k]) != tuple(s):
+      raise ValueError(f"{source}: tensor {k} has shape {list(present[k])}, expected {list(s)} "
+                       f"for the config (hidden={cfg.hidden_size}, heads={cfg.num_heads}, "
+                       f"kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim})")
+
+
+def to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray],
+              paths: Iterable[str] | None = None) -> Iterable[tuple[str, np.ndarray]]:
+  """Yields (param path, host array) one param at a time, reading tensors with `get(key)`.
+
+  One param at a time keeps peak host memory at one stacked weight plus the model.
+  """
+  wanted = set(paths) if paths is not None else None
+  for template, path, transpose in rows(cfg):
+    if wanted is not None and path not in wanted:
+      continue
+    if "{i}" in template:
+      parts = []
+      for i in range(cfg.num_layers):
+        t = get(template.format(i=i))
+        parts.append(t.T if transpose else t)
+      yield path, np.stack(parts)
+    else:
+      t = get(template)
+      yield path, (t.T if transpose else t)
+
+
+def to_hf(cfg: config_lib.ModelConfig, flat_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{HF key: array} from {param path: host array}; the exact inverse of `to_params`."""
+  out = {}
+  for template, path, transpose in rows(cfg):
+    x = flat_params[path]
+    if "{i}" in template:
+      for i in range(cfg.num_layers):
+        out[template.format(i=i)] = np.ascontiguousarray(x[i].T if transpose else x[i])
+    else:
+      out[template] = np.ascontiguousarray(x.T if transpose else x)
+  return out

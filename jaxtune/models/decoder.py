@@ -1,0 +1,219 @@
+"""A Llama-family decoder as pure functions over a plain params tree.
+
+One set of functions covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3
+(per-head q/k RMSNorm, free head_dim): the differences are config flags. Layers are stacked
+on a leading axis and run with `lax.scan`, so compile time does not grow with depth.
+
+The params tree (L layers, D hidden, H*Dh query width, K*Dh kv width, F mlp, V vocab):
+
+    {"embed_tokens": {"embedding": [V, D]},
+     "layers": {"input_layernorm": {"scale": [L, D]},
+                "self_attn": {"q_proj": {"kernel": [L, D, H*Dh], "bias": [L, H*Dh]},  # bias: Qwen2
+                              "k_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
+                              "v_proj": {"kernel": [L, D, K*Dh], "bias": [L, K*Dh]},
+                              "o_proj": {"kernel": [L, H*Dh, D]},
+                              "q_norm": {"scale": [L, Dh]}, "k_norm": {"scale": [L, Dh]}},  # Qwen3
+                "post_attention_layernorm": {"scale": [L, D]},
+                "mlp": {"gate_proj": {"kernel": [L, D, F]}, "up_proj": {"kernel": [L, D, F]},
+                        "down_proj": {"kernel": [L, F, D]}}},
+     "norm": {"scale": [D]},
+     "lm_head": {"kernel": [D, V]}}                                   # absent when tied
+
+Kernels are `x @ kernel` ([in, out]); a kernel may be a `quant.QArray`. LoRA adapters are a
+tree mirroring the targeted projections, {"layers": {"self_attn": {"q_proj": {"a": [L, D, r],
+"b": [L, r, H*Dh]}}}}, passed with their scale (see `jaxtune.peft.lora`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import tree
+from jaxtune.models import layers
+
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _shapes(cfg: config_lib.ModelConfig) -> dict:
+  """(shape, logical axes, init) for every param path; the single source of the layout."""
+  L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  Q, KV, Dh = cfg.q_size, cfg.kv_size, cfg.head_dim
+  s = {
+      "embed_tokens/embedding": ((V, D), ("vocab", "embed"), "embed"),
+      "layers/input_layernorm/scale": ((L, D), ("layers", "norm"), "ones"),
+      "layers/self_attn/q_proj/kernel": ((L, D, Q), ("layers", "embed", "q_heads"), D),
+      "layers/self_attn/k_proj/kernel": ((L, D, KV), ("layers", "embed", "kv_heads"), D),
+      "layers/self_attn/v_proj/kernel": ((L, D, KV), ("layers", "embed", "kv_heads"), D),
+      "layers/self_attn/o_proj/kernel": ((L, Q, D), ("layers", "q_heads", "embed"), Q),
+      "layers/post_attention_layernorm/scale": ((L, D), ("layers", "norm"), "ones"),
+      "layers/mlp/gate_proj/kernel": ((L, D, F), ("layers", "embed", "mlp"), D),
+      "layers/mlp/up_proj/kernel": ((L, D, F), ("layers", "embed", "mlp"), D),
+      "layers/mlp/down_proj/kernel": ((L, F, D), ("layers", "mlp", "embed"), F),
+      "norm/scale": ((D,), ("norm",), "ones"),
+  }
+  if cfg.attention_bias:
+    s["layers/self_attn/q_proj/bias"] = ((L, Q), ("layers", "q_heads"), "zeros")
+    s["layers/self_attn/k_proj/bias"] = ((L, KV), ("layers", "kv_heads"), "zeros")
+    s["layers/self_attn/v_proj/bias"] = ((L, KV), ("layers", "kv_heads"), "zeros")
+  if cfg.qk_norm:
+    s["layers/self_attn/q_norm/scale"] = ((L, Dh), ("layers", "head_dim"), "ones")
+    s["layers/self_attn/k_norm/scale"] = ((L, Dh), ("layers", "head_dim"), "ones")
+  if not cfg.tie_word_embeddings:
+    s["lm_head/kernel"] = ((D, V), ("embed", "vocab"), D)
+  return s
+
+
+def init(cfg: config_lib.ModelConfig, key: jax.Array) -> dict:
+  """Random params (normal(0, 1/sqrt(fan_in)) kernels, N(0, 0.02) embeddings, unit norms)."""
+  dtype = DTYPES[cfg.param_dtype]
+  shapes = _shapes(cfg)
+  keys = jax.random.split(key, len(shapes))
+  flat = {}
+  for k, (path, (shape, _, how)) in zip(keys, sorted(shapes.items())):
+    if how == "ones":
+      flat[path] = jnp.ones(shape, dtype)
+    elif how == "zeros":
+      flat[path] = jnp.zeros(shape, dtype)
+    elif how == "embed":
+      flat[path] = (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+    else:
+      flat[path] = (jax.random.normal(k, shape, jnp.float32) / (how ** 0.5)).astype(dtype)
+  return tree.unflatten(flat)
+
+
+def axes(cfg: config_lib.ModelConfig) -> dict:
+  """The logical-axes tree, same structure as `init`'s params (leaves: tuples of names)."""
+  return tree.unflatten({p: ax for p, (_, ax, _) in _shapes(cfg).items()})
+
+
+def shapes(cfg: config_lib.ModelConfig) -> dict:
+  """{path: shape} of every param; used by HF conversion to check tensors by name."""
+  return {p: shape for p, (shape, _, _) in _shapes(cfg).items()}
+
+
+def _remat(fn, policy: str):
+  if policy == "none":
+    return fn
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+      "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+  }
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq, constrain):
+  """One decoder layer. x [B, T, D] -> [B, T, D]."""
+  dt = x.dtype
+  attn_p = layer["self_attn"]
+  attn_l = (lora or {}).get("self_attn", {})
+  b, t, _ = x.shape
+  h = layers.rms_norm(x, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
+
+  def proj(name, inp):
+    p = attn_p[name]
+    return layers.linear(inp, p["kernel"], bias=p.get("bias"), lora=attn_l.get(name),
+                         lora_scale=lora_scale)
+
+  q = proj("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = proj("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = proj("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = layers.rms_norm(q, attn_p["q_norm"]["scale"], cfg.rms_norm_eps)
+    k = layers.rms_norm(k, attn_p["k_norm"]["scale"], cfg.rms_norm_eps)
+  q = layers.apply_rope(q, positions, inv_freq)
+  k = layers.apply_rope(k, positions, inv_freq)
+  q = constrain(q, ("batch", "seq", "act_heads", None))
+  o = layers.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention,
+                       sliding_window=cfg.sliding_window)
+  o = proj("o_proj", o.reshape(b, t, cfg.q_size).astype(dt))
+  x = x + o
+  x = constrain(x, ("batch", "seq", "act_embed"))
+
+  mlp_p = layer["mlp"]
+  mlp_l = (lora or {}).get("mlp", {})
+  h = layers.rms_norm(x, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+
+  def mproj(name, inp):
+    return layers.linear(inp, mlp_p[name]["kernel"], lora=mlp_l.get(name), lora_scale=lora_scale)
+
+  g = layers.swiglu(mproj("gate_proj", h), mproj("up_proj", h))
+  g = constrain(g, ("batch", "seq", "act_mlp"))
+  x = x + mproj("down_proj", g)
+  return constrain(x, ("batch", "seq", "act_embed"))
+
+
+def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  lora: dict | None = None, lora_scale: float = 1.0, constrain=None) -> jax.Array:
+  """Final-normed hidden states [B, T, D] (compute dtype) for tokens [B, T] int32.
+
+  positions [B, T] default to 0..T-1; segment_ids [B, T] (0 = padding) make attention
+  block-diagonal for packed rows. `constrain(x, logical_axes)` adds sharding constraints.
+  """
+  constrain = constrain or (lambda x, _: x)
+  dt = DTYPES[cfg.dtype]
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dt)
+  x = constrain(x, ("batch", "seq", "act_embed"))
+  inv_freq = layers.rope_inv_freq(cfg)
+  lora_layers = (lora or {}).get("layers")
+
+  def body(carry, xs):
+    layer, layer_lora = xs
+    y = _block(cfg, carry, layer, layer_lora, lora_scale=lora_scale, positions=positions,
+               segment_ids=segment_ids, inv_freq=inv_freq, constrain=constrain)
+    return y, None
+
+  body = _remat(body, cfg.remat)
+  if cfg.scan_layers:
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers))
+  else:
+    for i in range(cfg.num_layers):
+      sl = jax.tree_util.tree_map(lambda a, i=i: a[i], (params["layers"], lora_layers))
+      x, _ = body(x, sl)
+  return layers.rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+
+
+def output_kernel(cfg: config_lib.ModelConfig, params: dict):
+  """(weight, transposed): [V, D] tied embedding (transposed=True) or [D, V] lm_head."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"], True
+  return params["lm_head"]["kernel"], False
+
+
+def logits_from_hidden(cfg: config_lib.ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+  """[B, T, D] -> float32 logits [B, T, V]."""
+  w, transposed = output_kernel(cfg, params)
+  if transposed:
+    return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  return layers.linear(h, w).astype(jnp.float32)
+
+
+def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            lora=None, constrain=None) -> jax.Array:
+  """tokens [B, T] int32 -> float32 logits [B, T, V].
+
+  `lora` is None, a `jaxtune.peft.lora.Adapters`, or a (tree, scale) pair.
+  """
+  lora_tree, scale = _lora_parts(lora)
+  h = hidden_states(cfg, params, tokens, positions=positions, segment_ids=segment_ids,
+                    lora=lora_tree, lora_scale=scale, constrain=constrain)
+  return logits_from_hidden(cfg, params, h)
+
+
+def _lora_parts(lora):
+  if lora is None:
+    return None, 1.0
+  if isinstance(lora, tuple):
+    return lora
+  return lora.params, lora.scale

@@ -1,0 +1,118 @@
+"""The building blocks of a Llama-family decoder, as pure functions over arrays.
+
+Kept apart from `decoder.py` so that each block can be tested against its Hugging Face
+counterpart and reused (the sampler and reward heads call these too). Shapes use
+B batch, T (query) time, S (key) time, D model width, H query heads, K kv heads,
+Dh head dim, F mlp width, V vocab, r LoRA rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import quant
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in float32, cast back to x's dtype: x / rms(x) * scale. x [..., D], scale [D]."""
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+  y = x32 * jax.lax.rsqrt(var + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: config_lib.ModelConfig) -> jax.Array:
+  """Inverse frequencies [Dh/2], including Llama-3.1 ('llama3') and linear scaling."""
+  dh = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  rs = cfg.rope_scaling
+  if rs.kind == "linear":
+    inv = inv / rs.factor
+  elif rs.kind == "llama3":
+    old = rs.original_max_position_embeddings
+    low_wavelen = old / rs.low_freq_factor
+    high_wavelen = old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' layout. x [B, T, H, Dh], positions [B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, Dh/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def linear(x: jax.Array, w, *, bias: jax.Array | None = None, lora=None,
+           lora_scale: float = 1.0) -> jax.Array:
+  """x [..., Din] @ w [Din, Dout] (+ bias) (+ lora_scale * x @ A @ B).
+
+  `w` is a dense array or a `quant.QArray` (dequantised inside the matmul so XLA fuses it).
+  `lora` is None or a dict {"a": [Din, r], "b": [r, Dout]}.
+  """
+  if isinstance(w, quant.QArray):
+    y = quant.matmul(x, w)
+  else:
+    y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  if lora is not None:
+    a = lora["a"].astype(x.dtype)
+    b = lora["b"].astype(x.dtype)
+    y = y + (lora_scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", x, a), b))
+  return y
+
+
+def attention_mask(segment_ids: jax.Array | None, b: int, t: int,
+                   sliding_window: int = 0) -> jax.Array:
+  """Boolean [B, 1, T, T]: causal, within one segment (padding attends padding), windowed."""
+  q = jnp.arange(t)[:, None]
+  k = jnp.arange(t)[None, :]
+  mask = (k <= q)
+  if sliding_window:
+    mask &= (q - k) < sliding_window
+  mask = jnp.broadcast_to(mask, (b, t, t))
+  if segment_ids is not None:
+    mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  return mask[:, None]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
+              impl: str, sliding_window: int = 0) -> jax.Array:
+  """Causal GQA attention. q [B, T, H, Dh], k/v [B, T, K, Dh] -> [B, T, H, Dh].
+
+  impl 'cudnn' uses the fused cuDNN kernel (GPU, bf16/fp16, no segments); 'xla' is portable;
+  'auto' picks cuDNN where it applies. Padding is expressed as segment id 0, so padded
+  query rows attend only to padding and never produce NaNs.
+  """
+  b, t = q.shape[:2]
+  if impl == "auto":
+    on_gpu = jax.default_backend() == "gpu"
+    impl = "cudnn" if (on_gpu and q.dtype in (jnp.bfloat16, jnp.float16)
+                       and segment_ids is None) else "xla"
+  if impl == "cudnn":
+    if segment_ids is not None:
+      raise ValueError("attention='cudnn' does not take packed segment ids; use 'auto' or 'xla'")
+    window = (sliding_window - 1, 0) if sliding_window else None
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                        implementation="cudnn")
+  mask = attention_mask(segment_ids, b, t, sliding_window)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up: the gated MLP activation of Llama-family models. [..., F]."""
+  return jax.nn.silu(gate) * up

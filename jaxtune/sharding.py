@@ -1,0 +1,114 @@
+"""The one logical-axis rules table, the device mesh, and shardings for trees and batches.
+
+Params and activations name their axes logically ('embed', 'mlp', 'batch', ...); RULES maps
+each name to a mesh axis of the ('data', 'fsdp', 'tensor') mesh, or to None (replicated).
+A dimension that a mesh axis does not divide stays replicated rather than failing.
+
+    >>> mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))       # 8 devices
+    >>> spec(("layers", "embed", "mlp"), (2, 64, 128), mesh)
+    PartitionSpec(None, 'fsdp', 'tensor')
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune import config as config_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis (or tuple of axes, or None). The whole table.
+RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "layers": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "norm": None,
+    "rank": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def mesh_shape(mesh_cfg: config_lib.MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """Resolves the one -1 axis; errors name the axis and the device count."""
+  dims = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  if sum(d == -1 for d in dims) > 1:
+    raise config_lib.ConfigError(f"mesh: at most one axis may be -1, got {dims}")
+  known = int(np.prod([d for d in dims if d != -1]))
+  if -1 in dims:
+    if num_devices % known:
+      raise config_lib.ConfigError(
+          f"mesh: {num_devices} devices not divisible by data*fsdp*tensor={known}")
+    dims[dims.index(-1)] = num_devices // known
+  if int(np.prod(dims)) != num_devices:
+    raise config_lib.ConfigError(
+        f"mesh: data*fsdp*tensor={dims} = {int(np.prod(dims))} but {num_devices} devices")
+  return tuple(dims)
+
+
+def make_mesh(mesh_cfg: config_lib.MeshConfig, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_cfg, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec for logical `axes` of an array of `shape`, dropping non-dividing axes."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match shape {shape}")
+  used = set()
+  out = []
+  for name, dim in zip(axes, shape):
+    target = RULES.get(name) if name is not None else None
+    if name is not None and name not in RULES:
+      raise ValueError(f"logical axis {name!r} is not in sharding.RULES")
+    targets = (target,) if isinstance(target, str) else (target or ())
+    kept = tuple(t for t in targets
+                 if t not in used and mesh.shape[t] > 1)
+    size = int(np.prod([mesh.shape[t] for t in kept])) if kept else 1
+    if not kept or dim % size:
+      out.append(None)
+      continue
+    used.update(kept)
+    out.append(kept[0] if len(kept) == 1 else kept)
+  return PartitionSpec(*out)
+
+
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
+  """NamedSharding for each leaf; `axes_tree` leaves are tuples of logical names."""
+  return jax.tree_util.tree_map(
+      lambda ax, x: NamedSharding(mesh, spec(ax, tuple(x.shape), mesh)),
+      axes_tree, shapes_tree, is_leaf=lambda n: isinstance(n, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays [B, ...]: the leading axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def constrainer(mesh: Mesh | None):
+  """fn(x, logical_axes) -> x with a sharding constraint on `mesh` (identity if None)."""
+  if mesh is None:
+    return lambda x, axes: x
+
+  def constrain(x, axes):
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh)))
+
+  return constrain
