@@ -1,0 +1,193 @@
+"""LoRA as tree operations: init an adapter tree, give it axes, merge it, export it to PEFT.
+
+Low-rank adaptation (Hu et al. 2021) freezes the base params and learns, for each targeted
+kernel W [in, out], two factors A [in, r] and B [r, out] with y = x @ W + scale * x @ A @ B.
+In jaxtune the factors are a separate tree (`Adapters`, see `adapters.py`) selected by regex
+over base param paths, so the base stays a frozen argument and only adapter leaves are
+differentiated, hold optimizer state and are checkpointed:
+
+    >>> adapters = lora.init(cfg, params, rank=8, alpha=16, key=key)
+    >>> logits = decoder.forward(cfg, params, tokens, lora=adapters)
+    >>> def loss_fn(ad_params):
+    ...   return ce(decoder.forward(cfg, params, tokens, lora=(ad_params, adapters.scale)))
+    >>> loss, grads = jax.value_and_grad(loss_fn)(adapters.params)   # grads: adapter tree
+    >>> shardings = sharding.tree_shardings(mesh, lora.axes(cfg, adapters), adapters)
+    >>> merged = lora.merge(cfg, params, adapters)          # dense params, W + scale * A @ B
+    >>> lora.save_peft(cfg, adapters, "out/")               # peft.PeftModel loads it
+    >>> adapters = lora.load_peft(cfg, "out/")
+
+Reference model / KL base with adapters off (DPO, GRPO): the same base params with
+`lora=None`; `reference_logits` says so in code, so no second copy of the weights exists.
+The base kernels may be `quant.QArray` leaves (QLoRA, see `qlora.py`); shapes are read from
+the quantized leaf. LoRA dropout (`PeftConfig.dropout`) is not applied by the forward yet.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import quant
+from jaxtune import tree
+from jaxtune.models import decoder
+from jaxtune.peft import adapters as adapters_lib
+from jaxtune.peft import peft_io
+
+Adapters = adapters_lib.Adapters
+save_peft = peft_io.save_peft
+load_peft = peft_io.load_peft
+
+DEFAULT_TARGETS = config_lib.PeftConfig.targets  # all 7 attention and MLP projections
+
+
+def select(params: dict, targets: str) -> dict[str, tuple[int, ...]]:
+  """{kernel path: kernel shape} of the LoRA-able kernels whose path fully matches `targets`.
+
+  Only the attention and MLP projections under "layers/" can carry adapters; a regex such
+  as ".*" selects all of them. Nothing selected is an error naming the regex.
+  """
+  flat = tree.flatten(params)
+  rx = re.compile(targets)
+  present = [p for p in adapters_lib.SUPPORTED_KERNELS if p in flat]
+  chosen = {p: tuple(flat[p].shape) for p in present if rx.fullmatch(p)}
+  if not chosen:
+    others = [p for p in flat if rx.fullmatch(p)]
+    raise ValueError(
+        f"LoRA targets {targets!r} select no projection kernel; LoRA-able paths are "
+        f"{present}" + (f" (the regex matches only unsupported params {others[:4]})"
+                        if others else ""))
+  return chosen
+
+
+def init(cfg: config_lib.ModelConfig, params: dict, *, rank: int = 8, alpha: float = 16.0,
+         targets: str = DEFAULT_TARGETS, rslora: bool = False, key: jax.Array,
+         a_init: str = "kaiming", dtype: Any = jnp.float32) -> Adapters:
+  """Fresh adapters for the kernels of `params` selected by `targets`: A random, B = 0.
+
+  Args:
+    cfg: the model config; kernel shapes are checked against it.
+    params: the base params (dense, QArray or `jax.ShapeDtypeStruct` kernels).
+    rank, alpha, rslora: scale = alpha / rank, or alpha / sqrt(rank) with rslora.
+    targets: regex fully matching base kernel paths, e.g. "layers/self_attn/(q|v)_proj/kernel".
+    key: PRNG key for A.
+    a_init: 'kaiming' (PEFT's default: kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(in)))
+      or 'gaussian' (PEFT's init_lora_weights='gaussian': normal(0, 1/rank)).
+    dtype: adapter storage dtype (float32 by default; cast to the compute dtype in linear).
+
+  Since B = 0, the model's output at init equals the base's exactly.
+  """
+  if a_init not in ("kaiming", "gaussian"):
+    raise ValueError(f"a_init must be 'kaiming' or 'gaussian', got {a_init!r}")
+  chosen = select(params, targets)
+  expected = decoder.shapes(cfg)
+  flat = {}
+  for i, (path, shape) in enumerate(sorted(chosen.items())):
+    if shape != tuple(expected[path]):
+      raise ValueError(f"{path}: kernel shape {shape} does not match the config's "
+                       f"{tuple(expected[path])}")
+    *lead, n_in, n_out = shape
+    k = jax.random.fold_in(key, i)
+    if a_init == "kaiming":
+      bound = 1.0 / n_in ** 0.5
+      a = jax.random.uniform(k, (*lead, n_in, rank), jnp.float32, -bound, bound)  # [L, in, r]
+    else:
+      a = jax.random.normal(k, (*lead, n_in, rank), jnp.float32) / rank  # [L, in, r]
+    module = path.rsplit("/", 1)[0]
+    flat[module + "/a"] = a.astype(dtype)
+    flat[module + "/b"] = jnp.zeros((*lead, rank, n_out), dtype)  # [L, r, out]
+  return Adapters(params=tree.unflatten(flat), scale=adapters_lib.scale(rank, alpha, rslora),
+                  rank=rank, alpha=float(alpha), rslora=rslora, targets=targets)
+
+
+def init_from_config(cfg: config_lib.ModelConfig, params: dict, peft_cfg: config_lib.PeftConfig,
+                     *, key: jax.Array, dtype: Any = jnp.float32) -> Adapters:
+  """`init` with rank, alpha, rslora and targets from a `PeftConfig` (method lora|qlora)."""
+  if peft_cfg.dropout:
+    raise NotImplementedError(
+        f"peft.dropout={peft_cfg.dropout}: LoRA dropout is not supported by the forward yet; "
+        "set peft.dropout=0")
+  return init(cfg, params, rank=peft_cfg.rank, alpha=peft_cfg.alpha, targets=peft_cfg.targets,
+              rslora=peft_cfg.rslora, key=key, dtype=dtype)
+
+
+def axes(cfg_or_axes, adapters: Adapters) -> Adapters:
+  """Logical axes of the adapter leaves, derived from the base kernels' axes.
+
+  kernel (layers, in_axis, out_axis) -> a (layers, in_axis, "rank"), b (layers, "rank",
+  out_axis), so A shards its input rows like W and B its output columns like W:
+
+      q_proj kernel ('layers', 'embed', 'q_heads')
+        -> {"a": ('layers', 'embed', 'rank'), "b": ('layers', 'rank', 'q_heads')}
+
+  `cfg_or_axes` is a ModelConfig (uses `decoder.axes`) or a base axes tree. Returns an
+  `Adapters` with the same metadata whose params leaves are axis tuples, so that
+  `sharding.tree_shardings(mesh, axes(cfg, ad), ad)` and `jax.device_put` line up.
+  """
+  base = (decoder.axes(cfg_or_axes) if isinstance(cfg_or_axes, config_lib.ModelConfig)
+          else cfg_or_axes)
+  flat_base = tree.flatten(base)
+  flat = {}
+  for module, ab in adapters_lib.modules(adapters.params).items():
+    ax = flat_base.get(module + "/kernel")
+    if ax is None:
+      raise ValueError(f"lora.axes: base axes have no {module}/kernel")
+    ax = tuple(ax)
+    if len(ax) != len(ab["a"].shape):
+      raise ValueError(f"lora.axes: {module}/kernel axes {ax} do not fit a of shape "
+                       f"{tuple(ab['a'].shape)}")
+    flat[module + "/a"] = (*ax[:-2], ax[-2], "rank")
+    flat[module + "/b"] = (*ax[:-2], "rank", ax[-1])
+  return Adapters(params=tree.unflatten(flat), scale=adapters.scale, rank=adapters.rank,
+                  alpha=adapters.alpha, rslora=adapters.rslora, targets=adapters.targets,
+                  dropout=adapters.dropout)
+
+
+def delta(adapters: Adapters, module: str) -> jax.Array:
+  """scale * A @ B in float32 for one module path ("layers/self_attn/q_proj"): [L, in, out]."""
+  ab = adapters_lib.modules(adapters.params)[module]
+  a = jnp.asarray(ab["a"], jnp.float32)  # [L, in, r]
+  b = jnp.asarray(ab["b"], jnp.float32)  # [L, r, out]
+  return adapters.scale * jnp.einsum("...ir,...ro->...io", a, b,
+                                     precision=jax.lax.Precision.HIGHEST)
+
+
+def merge(cfg: config_lib.ModelConfig, params: dict, adapters: Adapters) -> dict:
+  """Base params with W + scale * A @ B in place of each adapted kernel, in W's dtype.
+
+  QArray kernels are dequantized first and come back dense (QLoRA -> full model). Other
+  leaves are shared with `params`, not copied.
+  """
+  flat = tree.flatten(params)
+  expected = decoder.shapes(cfg)
+  for module in sorted(adapters_lib.modules(adapters.params)):
+    path = module + "/kernel"
+    if path not in flat:
+      raise ValueError(f"lora.merge: params have no {path} for the adapter {module}")
+    w = flat[path]
+    if isinstance(w, quant.QArray):
+      w = quant.dequantize(w)  # [L, in, out] in w.dtype
+    d = delta(adapters, module)
+    if tuple(w.shape) != tuple(d.shape) or tuple(w.shape) != tuple(expected[path]):
+      raise ValueError(f"lora.merge: {path} has shape {tuple(w.shape)}, A @ B has "
+                       f"{tuple(d.shape)}, the config expects {tuple(expected[path])}")
+    flat[path] = (w.astype(jnp.float32) + d).astype(w.dtype)
+  return tree.unflatten(flat)
+
+
+def reference_logits(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
+                     **forward_kwargs) -> jax.Array:
+  """Logits of the base with adapters off: the DPO reference / GRPO KL base under LoRA.
+
+  The very same (possibly quantized) base params, `lora=None`; no second copy. Wrap it in
+  `jax.lax.stop_gradient` where it feeds a loss. tokens [B, T] -> float32 [B, T, V].
+  """
+  return decoder.forward(cfg, params, tokens, lora=None, **forward_kwargs)
+
+
+def num_params(adapters: Adapters) -> int:
+  """Number of trainable adapter parameters."""
+  return tree.count(adapters.params)
