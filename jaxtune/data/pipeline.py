@@ -1,0 +1,206 @@
+"""build(): from a DataConfig and a tokenizer to the train Loader, eval batches and stats.
+
+Everything that can be wrong with the data is found here, before training: every record of
+every source is read, checked, rendered and tokenized up front (so that packing and resume
+are exact, and every process sees the same global plan), and the first bad record stops the
+run with a DataError naming file, line, field and what was expected, unless
+data.on_bad_record=skip, which skips, counts and reports it in `stats`.
+
+    tok = tokenizer_lib.from_config(cfg)
+    ds = pipeline.build(cfg.data, tok, kind="sft",
+                        process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(ds.train)            # this process's rows of the global batch
+    ds.eval                           # list of batches (all eval examples once)
+    ds.stats, ds.fingerprint          # counts; provenance for checkpoints and HF export
+
+Train sources come from data.train_files ("" = the bundled sample for the kind: chat.jsonl,
+preference.jsonl or prompts.jsonl). Eval comes from data.eval_files or, when that is empty,
+from a held-out data.eval_fraction of each train source's records, chosen with a fixed seed
+(independent of data.seed, so runs with different seeds evaluate on the same records).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from jaxtune.data import encode
+from jaxtune.data import errors
+from jaxtune.data import formats
+from jaxtune.data import length
+from jaxtune.data import loader as loader_lib
+from jaxtune.data import mixture
+from jaxtune.data import provenance
+from jaxtune.data import sources
+from jaxtune.data import stats as stats_lib
+from jaxtune.data import tokenizer_lib
+
+EVAL_SPLIT_SEED = 20250601
+DEFAULT_SAMPLE = {"sft": "chat", "preference": "preference", "prompt": "prompts"}
+_log = logging.getLogger("jaxtune.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """What build() returns. source_ids in batches index source_names / eval_source_names."""
+  train: loader_lib.Loader
+  eval: list[dict[str, Any]]
+  stats: dict[str, Any]
+  fingerprint: str
+  source_names: tuple[str, ...] = ()
+  eval_source_names: tuple[str, ...] = ()
+  provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _detect(raw: list[tuple[str, Any]], data_cfg) -> str:
+  """A source's format: data.format, else the most common among its first records."""
+  if data_cfg.format != "auto":
+    return data_cfg.format
+  votes = collections.Counter()
+  first_error = None
+  for where, rec in raw:
+    if isinstance(rec, errors.DataError):
+      continue
+    try:
+      votes[formats.detect(rec, where, text_field=data_cfg.text_field)] += 1
+    except errors.DataError as e:
+      first_error = first_error or e
+    if sum(votes.values()) >= 16:
+      break
+  if not votes:
+    if first_error is not None:
+      raise first_error
+    return "text"
+  return votes.most_common(1)[0][0]
+
+
+def _encode_source(raw: list[tuple[str, Any]], fmt: str, source: int, tally: stats_lib.Tally,
+                   encoder: encode.Encoder, data_cfg, kind: str) -> list[encode.Result]:
+  out = []
+  for where, rec in raw:
+    tally.record(source)
+    try:
+      if isinstance(rec, errors.DataError):
+        raise rec
+      ex = formats.normalize(rec, fmt, where, text_field=data_cfg.text_field)
+      result, outcome = length.fit(encoder.encode(ex), data_cfg.seq_len, data_cfg.truncation,
+                                   where, kind=kind)
+    except errors.DataError as e:
+      if not e.skippable or data_cfg.on_bad_record != "skip":
+        raise
+      tally.skipped(source, e)
+      continue
+    if result is None:
+      tally.dropped(source, outcome)
+      continue
+    tally.kept(source, result, outcome == "truncated")
+    out.append(result)
+  return out
+
+
+def _split(raw: list, fraction: float) -> tuple[list, list]:
+  """(train, held-out eval) records of one source; fixed seed, eval keeps file order."""
+  n = len(raw)
+  if fraction <= 0 or n < 2:
+    return raw, []
+  n_eval = min(n - 1, max(1, int(round(n * fraction))))
+  held = np.zeros(n, bool)
+  held[np.random.default_rng(EVAL_SPLIT_SEED).permutation(n)[:n_eval]] = True
+  return ([r for r, h in zip(raw, held) if not h], [r for r, h in zip(raw, held) if h])
+
+
+def _digest(src: sources.Source, raw: list) -> str:
+  if src.files:
+    return provenance.source_digest(src.files)
+  return provenance.records_digest(r for _, r in raw)
+
+
+def _source_format(fmt: str, kind: str, name: str) -> str:
+  if fmt not in formats.FORMATS:
+    raise errors.DataError(f"bad data.format {fmt!r}; expected auto or one of "
+                           f"{', '.join(formats.FORMATS)}")
+  if fmt not in formats.KIND_FORMATS[kind]:
+    raise errors.DataError(f"{name}: records are {fmt!r} but kind={kind!r} needs one of "
+                           f"{', '.join(formats.KIND_FORMATS[kind])} (set data.format, or use "
+                           "other files)")
+  return "prompt" if kind == "prompt" else fmt
+
+
+def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
+          process_count: int = 1) -> Datasets:
+  """Reads, checks and encodes all data of `data_cfg` (a config.DataConfig); see module doc."""
+  if kind not in loader_lib.KINDS:
+    raise errors.DataError(f"unknown kind {kind!r}; expected one of "
+                           f"{', '.join(loader_lib.KINDS)}")
+  if data_cfg.on_bad_record not in ("error", "skip"):
+    raise errors.DataError(f"bad data.on_bad_record {data_cfg.on_bad_record!r}; expected "
+                           "error or skip")
+  encoder = encode.Encoder(tokenizer, loss_policy=data_cfg.loss_policy,
+                           check_template=data_cfg.check_template)
+  train_spec = data_cfg.train_files or tokenizer_lib.sample_path(DEFAULT_SAMPLE[kind])
+  train_sources = sources.parse(train_spec, setting="data.train_files")
+  eval_sources = sources.parse(data_cfg.eval_files, setting="data.eval_files")
+  weights = mixture.parse_weights(data_cfg.weights, len(train_sources))
+
+  train_tally, eval_tally = stats_lib.Tally(), stats_lib.Tally()
+  train_sets, eval_sets = [], []
+  parts = {"train": {}, "eval": {}, "tokenizer": provenance.tokenizer_digest(tokenizer),
+           "chat_template": provenance.template_digest(tokenizer)}
+  for src in train_sources:
+    raw = list(sources.read(src))
+    if not raw:
+      raise errors.DataError(f"data.train_files: {src.name} has no records")
+    parts["train"][src.name] = _digest(src, raw)
+    fmt = _source_format(_detect(raw, data_cfg), kind, src.name)
+    train_raw, eval_raw = raw, []
+    if not eval_sources:
+      train_raw, eval_raw = _split(raw, data_cfg.eval_fraction)
+    i = train_tally.add_source(src.name, fmt)
+    train_sets.append(_encode_source(train_raw, fmt, i, train_tally, encoder, data_cfg, kind))
+    if not train_sets[-1]:
+      raise errors.DataError(f"data.train_files: no usable examples in {src.name} (see the "
+                             f"counts: {train_tally.as_dict()['sources'][i]})")
+    if not eval_sources:
+      eval_tally.add_source(src.name, fmt)
+      eval_sets.append(_encode_source(eval_raw, fmt, i, eval_tally, encoder, data_cfg, kind))
+  for src in eval_sources:
+    raw = list(sources.read(src))
+    parts["eval"][src.name] = _digest(src, raw)
+    fmt = _source_format(_detect(raw, data_cfg), kind, src.name)
+    i = eval_tally.add_source(src.name, fmt)
+    eval_sets.append(_encode_source(raw, fmt, i, eval_tally, encoder, data_cfg, kind))
+
+  fingerprint = provenance.fingerprint(parts)
+  settings = {k: getattr(data_cfg, k) for k in (
+      "format", "text_field", "weights", "loss_policy", "seq_len", "pack", "truncation",
+      "on_bad_record", "check_template", "seed", "eval_fraction")}
+  plan_id = hashlib.sha256(json.dumps([fingerprint, kind, settings], sort_keys=True)
+                           .encode()).hexdigest()[:16]
+  pad_id = tokenizer.pad_token_id
+  if pad_id is None:
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+  common = dict(kind=kind, seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                pack=data_cfg.pack, process_index=process_index,
+                process_count=process_count, pad_id=pad_id)
+  train = loader_lib.Loader(train_sets, weights=weights, seed=data_cfg.seed, plan_id=plan_id,
+                            **common)
+  eval_batches = loader_lib.fixed_batches(eval_sets, **common)
+
+  stats = {"kind": kind, "fingerprint": fingerprint, "plan": plan_id,
+           "tokenizer": tokenizer_lib.describe(tokenizer),
+           "train": train_tally.as_dict(), "eval": eval_tally.as_dict(),
+           "rows_per_epoch": train.rows_in_epoch(), "eval_batches": len(eval_batches)}
+  for i, e in enumerate(stats["train"]["sources"]):
+    e["weight"] = float(weights[i]) if weights is not None else (
+        len(train_sets[i]) / sum(map(len, train_sets)))
+  _log.info("%s", stats_lib.summary(stats))
+  return Datasets(train=train, eval=eval_batches, stats=stats, fingerprint=fingerprint,
+                  source_names=tuple(s.name for s in train_sources),
+                  eval_source_names=tuple(s.name for s in (eval_sources or train_sources)),
+                  provenance=parts)

@@ -1,0 +1,94 @@
+"""Loading the model's tokenizer (or the bundled one) and its chat template.
+
+Training must tokenize exactly as inference will, so the tokenizer is always the model's own
+(`AutoTokenizer.from_pretrained` on the model dir or hub id). The bundled tokenizer in
+jaxtune/assets/tokenizer (byte-level BPE, 512 ids, ChatML template; see make_assets.py)
+serves the default recipes and tests, offline.
+
+    tok = tokenizer_lib.load("")                       # bundled
+    tok = tokenizer_lib.load("Qwen/Qwen2.5-0.5B")      # hub id (or the local HF cache)
+    tok = tokenizer_lib.load(model_dir, chat_template="my_template.jinja")
+    tok = tokenizer_lib.from_config(train_cfg)         # data.tokenizer, else model.hf_path,
+                                                       # else bundled; data.chat_template
+
+`chat_template` (data.chat_template) is a path to a jinja file, or the template text itself
+when it contains '{%' or '{{'; it replaces the tokenizer's template, which a tokenizer without
+one (most base models) needs for chat data.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from jaxtune.data import errors
+
+
+def bundled_dir() -> str:
+  """Directory of the bundled tokenizer (tokenizer.json, tokenizer_config.json, ...)."""
+  return str(pathlib.Path(__file__).resolve().parents[1] / "assets" / "tokenizer")
+
+
+def sample_path(name: str) -> str:
+  """Path of a bundled sample file: 'chat', 'text', 'preference' or 'prompts'."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "assets" / "sample" / f"{name}.jsonl"
+  if not path.is_file():
+    raise errors.DataError(f"no bundled sample {name!r} (looked for {path}); expected one of "
+                           "chat, text, preference, prompts")
+  return str(path)
+
+
+def read_template(chat_template: str) -> str:
+  """Template text from a path, or `chat_template` itself if it is template text."""
+  if "{%" in chat_template or "{{" in chat_template:
+    return chat_template
+  if not os.path.isfile(chat_template):
+    raise errors.DataError(f"data.chat_template: no such file {chat_template!r}; expected a "
+                           "path to a jinja chat template")
+  with open(chat_template, encoding="utf-8") as f:
+    return f.read()
+
+
+def load(path_or_id: str = "", *, chat_template: str = ""):
+  """The tokenizer of a model dir or hub id ("" = bundled), optionally with a new template.
+
+  Returns a `transformers` tokenizer (PreTrainedTokenizerFast when a tokenizer.json exists).
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  target = path_or_id or bundled_dir()
+  try:
+    tok = transformers.AutoTokenizer.from_pretrained(target)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.DataError(f"data.tokenizer: cannot load a tokenizer from {target!r} "
+                           f"({type(e).__name__}: {e}); expected a model directory or hub id "
+                           "with tokenizer files (offline: in the local HF cache)") from e
+  if chat_template:
+    tok.chat_template = read_template(chat_template)
+  return tok
+
+
+def from_config(cfg):
+  """Tokenizer for a TrainConfig: data.tokenizer, else model.hf_path, else the bundled one."""
+  return load(cfg.data.tokenizer or cfg.model.hf_path, chat_template=cfg.data.chat_template)
+
+
+def special_ids(tok) -> frozenset[int]:
+  """Ids of special tokens: the named ones plus added tokens marked special (<|eot_id|>)."""
+  ids = set(tok.all_special_ids)
+  for i, added in getattr(tok, "added_tokens_decoder", {}).items():
+    if getattr(added, "special", False):
+      ids.add(int(i))
+  return frozenset(ids)
+
+
+def describe(tok) -> dict:
+  """Vocab size and special token ids, for logs and the model config."""
+  return {
+      "name_or_path": tok.name_or_path,
+      "vocab_size": len(tok),
+      "bos_token_id": tok.bos_token_id,
+      "eos_token_id": tok.eos_token_id,
+      "pad_token_id": tok.pad_token_id,
+      "has_chat_template": bool(tok.chat_template),
+  }
