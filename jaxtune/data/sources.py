@@ -107,7 +107,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
         continue
       where = f"{path}:{lineno}"
       try:
-        value = json.loads(line)
+        value = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
         yield where, errors.DataError(
             f"malformed JSON at column {e.colno} ({e.msg}); expected one JSON object per line",
