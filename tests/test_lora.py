@@ -105,6 +105,13 @@ def test_targets_regex_selects_and_names_the_regex(base):
     lora.init(CFG, base, targets=r"layers/attn/q_proj/kernel", key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"matches only unsupported params \['norm/scale'\]"):
     lora.init(CFG, base, targets=r"norm/scale", key=jax.random.key(0))
+  pc = config_lib.PeftConfig(method="lora", rank=4, alpha=32.0, rslora=True,
+                             targets=r"layers/mlp/.*/kernel")
+  ad = lora.init_from_config(CFG, base, pc, key=jax.random.key(0))
+  assert (ad.rank, ad.alpha, ad.scale, ad.targets) == (4, 32.0, 16.0, pc.targets)
+  assert sorted(ad.params["layers"]) == ["mlp"]
+  with pytest.raises(NotImplementedError, match=r"peft.dropout=0.1"):
+    lora.init_from_config(CFG, base, dataclasses.replace(pc, dropout=0.1), key=jax.random.key(0))
 
 
 def test_merged_equals_unmerged_and_axes(base):
@@ -279,7 +286,8 @@ def test_training_changes_only_adapters(base):
   shapes = sorted(x.shape for x in jax.tree.leaves(ad.params))
   state_shapes = sorted(x.shape for x in jax.tree.leaves(state) if x.ndim > 0)
   assert state_shapes == sorted(shapes * 2)
-  assert lora.num_params(ad) == 2 * 4 * ((6 * 64 + 176) + (64 + 32 + 32 + 64 + 176 + 176 + 64))  # L*r*(in+out)
+  ins, outs = 6 * 64 + 176, 64 + 32 + 32 + 64 + 176 + 176 + 64
+  assert lora.num_params(ad) == 2 * 4 * (ins + outs)  # L * r * (in + out)
 
 
 def test_sharded_loss_and_grads_match_one_device(base):

@@ -225,5 +225,5 @@ def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
 
   targets = "|".join(re.escape(m + "/kernel") for m in sorted(found))
   return adapters_lib.Adapters(
-      params=tree.unflatten(flat), scale=adapters_lib.scale(rank, alpha, rslora), rank=rank, alpha=alpha,
-      rslora=rslora, targets=targets, dropout=float(pc.get("lora_dropout") or 0.0))
+      params=tree.unflatten(flat), scale=adapters_lib.scale(rank, alpha, rslora), rank=rank,
+      alpha=alpha, rslora=rslora, targets=targets, dropout=float(pc.get("lora_dropout") or 0.0))

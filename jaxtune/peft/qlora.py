@@ -19,7 +19,8 @@ Embeddings, norms, biases and lm_head stay in `dtype`. Then, as for LoRA:
     >>> ref = lora.reference_logits(cfg, qparams, tokens)   # adapters off: DPO/GRPO ref
     >>> merged = lora.merge(cfg, qparams, adapters)        # dense: dequantized + A @ B
 
-The QArray leaves shard like their base kernels: `quant.tree_axes(qparams, decoder.axes(cfg))`.
+The QArray leaves shard like their base kernels (`quant.tree_axes(qparams, decoder.axes(cfg))`);
+`load_quantized(..., mesh=mesh)` places each one straight onto its shards.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import numpy as np
 
 from jaxtune import config as config_lib
 from jaxtune import quant
+from jaxtune import sharding
+from jaxtune import tree
 from jaxtune.hf import io
+from jaxtune.models import decoder
 
 # The base kernels QLoRA quantizes: every attention and MLP projection (fully matched).
 PROJECTIONS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
@@ -82,16 +86,38 @@ def quantizing_place(*, method: str = "nf4", group_size: int = 64, double_quant:
   return place_fn
 
 
+def mesh_place(mesh: jax.sharding.Mesh, cfg: config_lib.ModelConfig):
+  """A `place(path, leaf)` that puts each (possibly QArray) param on `mesh` with the
+  NamedSharding of its logical axes (`decoder.axes`; QArray children via `quant.axes_for`).
+  """
+  flat_axes = tree.flatten(decoder.axes(cfg))
+
+  def put(path: str, x: Any):
+    ax = flat_axes[path]
+    if isinstance(x, quant.QArray):
+      ax = quant.axes_for(x, ax)
+    return jax.device_put(x, sharding.tree_shardings(mesh, ax, x))
+
+  return put
+
+
 def load_quantized(path_or_id: str, *, method: str = "nf4", group_size: int = 64,
                    double_quant: bool = False, dtype: Any = jnp.bfloat16,
                    place: Callable[[str, Any], Any] | None = None,
-                   predicate: str = PROJECTIONS, scale_dtype: Any = jnp.bfloat16,
+                   mesh: jax.sharding.Mesh | None = None, predicate: str = PROJECTIONS,
+                   scale_dtype: Any = jnp.bfloat16,
                    base: config_lib.ModelConfig | None = None):
   """(ModelConfig, params) from an HF directory or hub id, projections quantized on load.
 
   dtype: dtype of the unquantized params and of what the QArrays dequantize to.
-  place: final placement `place(path, leaf)`; see `quantizing_place`.
+  place: final placement `place(path, leaf)`; see `quantizing_place`. Or `mesh`: each
+  param goes straight to its shards on the mesh (`mesh_place`).
   """
+  if mesh is not None:
+    if place is not None:
+      raise ValueError("load_quantized: pass place or mesh, not both")
+    path_or_id = io.resolve(path_or_id)
+    place = mesh_place(mesh, io.read_config(path_or_id, base))
   place_fn = quantizing_place(method=method, group_size=group_size,
                               double_quant=double_quant, predicate=predicate,
                               scale_dtype=scale_dtype, place=place)
@@ -100,8 +126,10 @@ def load_quantized(path_or_id: str, *, method: str = "nf4", group_size: int = 64
 
 def load_from_config(path_or_id: str, peft_cfg: config_lib.PeftConfig, *,
                      dtype: Any = jnp.bfloat16, place: Callable[[str, Any], Any] | None = None,
+                     mesh: jax.sharding.Mesh | None = None,
                      base: config_lib.ModelConfig | None = None):
   """`load_quantized` with method, group size and double quant from a `PeftConfig`."""
   return load_quantized(path_or_id, method=peft_cfg.quant_method,
                         group_size=peft_cfg.quant_group_size,
-                        double_quant=peft_cfg.double_quant, dtype=dtype, place=place, base=base)
+                        double_quant=peft_cfg.double_quant, dtype=dtype, place=place,
+                        mesh=mesh, base=base)
