@@ -8,6 +8,7 @@ import pytest
 from jaxtune import config
 from jaxtune.data import errors
 from jaxtune.data import pipeline
+from jaxtune.data import stats
 from jaxtune.data import tokenizer_lib
 
 GOOD = {"messages": [{"role": "user", "content": "What is 1 + 1?"},
@@ -94,7 +95,7 @@ def test_skip_counts_every_bad_record_by_reason_and_reports_it(tmp_path, tok):
                               + sum(train["dropped"].values()))  # nothing silent
   assert len(train["skip_messages"]) == len(CASES)
   assert any(f"{path}:2: " in m for m in train["skip_messages"])
-  assert "skipped" in pipeline.stats_lib.summary(ds.stats)
+  assert "skipped" in stats.summary(ds.stats)
 
 
 def test_other_file_types_name_their_line_or_record(tmp_path, tok):

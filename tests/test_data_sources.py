@@ -129,6 +129,9 @@ def test_fingerprint_tracks_data_tokenizer_and_template(tmp_path, tok):
   ds = pipeline.build(_cfg(path), tok)
   assert set(ds.provenance) == {"train", "eval", "tokenizer", "chat_template"}
   assert list(ds.provenance["train"]) == [path]
+  (tmp_path / "elsewhere").mkdir()
+  moved = _jsonl(tmp_path / "elsewhere" / "copy.jsonl", CHAT)
+  assert pipeline.build(_cfg(moved), tok).fingerprint == base  # content, not paths
 
 
 def test_instruction_records_become_a_chat_turn(tmp_path, tok):
@@ -180,6 +183,9 @@ def test_preference_formats_are_normalized():
   assert plain.messages == ultra.messages == msgs and plain.chosen == ultra.chosen
   assert conv.messages[0] == {"role": "system", "content": "Be brief."}
   assert conv.rejected == [{"role": "assistant", "content": "5"}]
+  bracket = formats.normalize({"prompt": "[1, 2] sum?", "chosen": "[3]", "rejected": "[4]"},
+                              "preference", "x:4")
+  assert bracket.messages[0]["content"] == "[1, 2] sum?" and bracket.chosen[0]["content"] == "[3]"
   assert formats.detect({"prompt": "a", "chosen": "b", "rejected": "c"}, "x") == "preference"
   assert formats.detect({"prompt": "a", "answer": "b"}, "x") == "prompt"
   assert formats.detect({"prompt": "a", "completion": "b"}, "x") == "prompt_completion"

@@ -81,8 +81,10 @@ def policy_for(policy: str, fmt: str) -> str:
 class Encoder:
   """Encodes formats.Example records with one tokenizer and loss policy."""
 
-  def __init__(self, tok, *, loss_policy: str = "auto", check_template: bool = True):
+  def __init__(self, tok, *, loss_policy: str = "auto", check_template: bool = True,
+               text_field: str = "text"):
     self.tok = tok
+    self.text_field = text_field
     self.loss_policy = loss_policy
     self.check_template = check_template
     self.special = tokenizer_lib.special_ids(tok)
@@ -95,7 +97,7 @@ class Encoder:
       ids = self._text_ids(ex.text, add_special=True)
       if self.eos is not None and (not ids or ids[-1] != self.eos):
         ids.append(self.eos)
-      return Result((self._finish(ids, np.ones(len(ids), bool)),), field="text")
+      return Result((self._finish(ids, np.ones(len(ids), bool)),), field=self.text_field)
     if ex.format == "prompt_completion":
       prompt = self._text_ids(ex.prompt, add_special=True)
       completion = self._text_ids(ex.completion, add_special=False)

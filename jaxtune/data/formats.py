@@ -133,6 +133,18 @@ def _system(record: dict, where: str) -> list[dict[str, str]]:
   return [{"role": "system", "content": _string(record, "system", where)}]
 
 
+def _json_list(value: Any) -> Any:
+  """A list of message dicts stored as JSON text (CSV cells) -> the list; else `value`."""
+  if isinstance(value, str) and value.lstrip().startswith("[{"):
+    try:
+      parsed = json.loads(value)
+    except json.JSONDecodeError:
+      return value
+    if isinstance(parsed, list) and all(isinstance(m, dict) for m in parsed):
+      return parsed
+  return value
+
+
 def _messages(record: dict, field: str, where: str, value: Any = None) -> list[dict[str, str]]:
   """Checks a message list (roles known, contents non-empty strings)."""
   if value is None:
@@ -140,11 +152,7 @@ def _messages(record: dict, field: str, where: str, value: Any = None) -> list[d
       raise errors.bad_record(where, field, "is missing; expected a list of messages "
                               "{'role', 'content'}", "missing_field")
     value = record[field]
-  if isinstance(value, str) and value.lstrip().startswith("["):  # CSV cells hold JSON text
-    try:
-      value = json.loads(value)
-    except json.JSONDecodeError:
-      pass
+  value = _json_list(value)
   if not isinstance(value, list):
     raise errors.bad_record(where, field, f"is a {type(value).__name__}; expected a list of "
                             "messages {'role', 'content'}", "wrong_type")
@@ -204,12 +212,12 @@ def _prompt_messages(record: dict, where: str) -> list[dict[str, str]]:
   """The prompt of a preference or prompt-only record, as messages ending with user."""
   system = _system(record, where)
   if "prompt" in record and record["prompt"] is not None:
-    value = record["prompt"]
+    value = _json_list(record["prompt"])
     field = "prompt"
-    if isinstance(value, str) and not value.lstrip().startswith("["):
+    if isinstance(value, str):
       messages = [{"role": "user", "content": _string(record, "prompt", where)}]
     else:
-      messages = _messages(record, "prompt", where)
+      messages = _messages(record, "prompt", where, value=value)
   elif "messages" in record:
     field = "messages"
     messages = _messages(record, "messages", where)
@@ -224,8 +232,8 @@ def _prompt_messages(record: dict, where: str) -> list[dict[str, str]]:
 def _response(record: dict, field: str, prompt: list[dict[str, str]],
               where: str) -> list[dict[str, str]]:
   """chosen / rejected as assistant messages that continue `prompt`."""
-  value = record.get(field)
-  if isinstance(value, str) and not value.lstrip().startswith("[{"):
+  value = _json_list(record.get(field))
+  if value is None or isinstance(value, str):
     return [{"role": "assistant", "content": _string(record, field, where)}]
   messages = _messages(record, field, where, value=value)
   body = [m for m in prompt if m["role"] != "system"]

@@ -156,8 +156,10 @@ def _plain(record: dict) -> str:
 def train_tokenizer(corpus: list[str], out_dir: pathlib.Path) -> None:
   """Trains the byte-level BPE on `corpus` and saves it as a transformers tokenizer."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders  # pylint: disable=g-import-not-at-top
+  from tokenizers import models  # pylint: disable=g-import-not-at-top
+  from tokenizers import pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import trainers  # pylint: disable=g-import-not-at-top
 
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -169,9 +171,8 @@ def train_tokenizer(corpus: list[str], out_dir: pathlib.Path) -> None:
   if tok.get_vocab_size() != VOCAB_SIZE:
     raise RuntimeError(f"trained vocab has {tok.get_vocab_size()} ids, expected {VOCAB_SIZE}: "
                        "the corpus is too small for that many merges")
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
   out_dir.mkdir(parents=True, exist_ok=True)
-  fast.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+  tok.save(str(out_dir / "tokenizer.json"))
   # Written by hand rather than with save_pretrained so that the files are the same for
   # transformers 4.x and 5.x (5.x writes a class name 4.x does not know).
   specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}

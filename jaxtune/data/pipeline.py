@@ -142,7 +142,8 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
     raise errors.DataError(f"bad data.on_bad_record {data_cfg.on_bad_record!r}; expected "
                            "error or skip")
   encoder = encode.Encoder(tokenizer, loss_policy=data_cfg.loss_policy,
-                           check_template=data_cfg.check_template)
+                           check_template=data_cfg.check_template,
+                           text_field=data_cfg.text_field)
   train_spec = data_cfg.train_files or tokenizer_lib.sample_path(DEFAULT_SAMPLE[kind])
   train_sources = sources.parse(train_spec, setting="data.train_files")
   eval_sources = sources.parse(data_cfg.eval_files, setting="data.eval_files")

@@ -8,7 +8,8 @@ is the sha256 of a canonical JSON of named digests:
      and the special tokens>", "chat_template": "<sha256 of the template text>"}
 
 The parts dict is kept too (Datasets.provenance), so a difference can be traced to its
-file. Digests depend on content only, not on paths' timestamps.
+file. The fingerprint depends on content only: the same files under other paths (another
+checkout, another host) give the same fingerprint; the order of the sources counts.
 """
 
 from __future__ import annotations
@@ -58,4 +59,6 @@ def template_digest(tok) -> str:
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
-  return hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+  """sha256 of the digests in `parts`; source names (paths) are left out, order is kept."""
+  canonical = {k: list(v.values()) if isinstance(v, dict) else v for k, v in parts.items()}
+  return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
