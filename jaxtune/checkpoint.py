@@ -1,0 +1,61 @@
+"""Orbax checkpoints of a run: TrainState, data position, resolved config and provenance.
+
+Each checkpoint is one orbax step directory with three items: `state` (the TrainState as a
+dict: step, trainable params or adapters, optimizer state, rng), `data` (the loader's
+position, JSON) and `meta` (the resolved config and the data/tokenizer fingerprint, JSON).
+Orbax writes a step into a temporary directory and renames it only once every item is
+complete on every host, so an interrupted save is never listed as a resume point.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxtune.train import state as state_lib
+
+
+class Checkpointer:
+  """A keep-N, optionally async, orbax CheckpointManager over DIR/checkpoints."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       item_names=("state", "data", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: state_lib.TrainState, data_state: dict, meta: dict) -> None:
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state.to_dict()),
+        data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), force=True)
+
+  def restore(self, step: int, abstract_state: state_lib.TrainState):
+    """(state, data_state, meta) at `step`, placed per the shardings in abstract_state."""
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state.to_dict()),
+        data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return state_lib.TrainState.from_dict(out["state"]), out["data"], out["meta"]
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def abstract(tree, shardings):
+  """ShapeDtypeStructs with shardings: the restore target for `tree`'s structure."""
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

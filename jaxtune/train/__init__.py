@@ -1,0 +1,1 @@
+"""Training: state, optimizer, pure steps, objectives and the host loop."""
