@@ -24,6 +24,7 @@ the quantized leaf. LoRA dropout (`PeftConfig.dropout`) is not applied by the fo
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -163,19 +164,27 @@ def merge(cfg: config_lib.ModelConfig, params: dict, adapters: Adapters) -> dict
   """
   flat = tree.flatten(params)
   expected = decoder.shapes(cfg)
-  for module in sorted(adapters_lib.modules(adapters.params)):
+  for module, ab in sorted(adapters_lib.modules(adapters.params).items()):
     path = module + "/kernel"
     if path not in flat:
       raise ValueError(f"lora.merge: params have no {path} for the adapter {module}")
     w = flat[path]
-    if isinstance(w, quant.QArray):
-      w = quant.dequantize(w)  # [L, in, out] in w.dtype
-    d = delta(adapters, module)
-    if tuple(w.shape) != tuple(d.shape) or tuple(w.shape) != tuple(expected[path]):
+    ab_shape = (*ab["a"].shape[:-1], ab["b"].shape[-1])
+    if tuple(w.shape) != ab_shape or tuple(w.shape) != tuple(expected[path]):
       raise ValueError(f"lora.merge: {path} has shape {tuple(w.shape)}, A @ B has "
-                       f"{tuple(d.shape)}, the config expects {tuple(expected[path])}")
-    flat[path] = (w.astype(jnp.float32) + d).astype(w.dtype)
+                       f"{ab_shape}, the config expects {tuple(expected[path])}")
+    flat[path] = _merged_kernel(w, ab["a"], ab["b"], scale=adapters.scale)
   return tree.unflatten(flat)
+
+
+@functools.partial(jax.jit, static_argnames=("scale",))
+def _merged_kernel(w, a, b, *, scale):
+  """W (dense or QArray) [L, in, out] + scale * a [L, in, r] @ b [L, r, out], in W's dtype."""
+  if isinstance(w, quant.QArray):
+    w = quant.dequantize(w)  # fused into the add under jit
+  d = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST)
+  return (w.astype(jnp.float32) + scale * d).astype(w.dtype)
 
 
 def reference_logits(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
