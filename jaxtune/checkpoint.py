@@ -55,6 +55,24 @@ class Checkpointer:
     self._mngr.close()
 
 
+def read(path: str, step: int | None = None):
+  """(trainable tree, meta) of a run's checkpoint, without the optimizer's structure.
+
+  `path` is a run's workdir, its `checkpoints` dir, or a `launch/convert.py --from_hf` output.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  mngr = ocp.CheckpointManager(path, item_names=("state", "data", "meta"))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f"{path}: no complete checkpoint")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return restored["state"]["trainable"], meta
+
+
 def abstract(tree, shardings):
   """ShapeDtypeStructs with shardings: the restore target for `tree`'s structure."""
   return jax.tree_util.tree_map(

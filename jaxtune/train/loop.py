@@ -119,7 +119,8 @@ def train(cfg: config_lib.TrainConfig, workdir: str) -> dict:
     ds.train.restore(data_state)
     start = latest
     _log.info("resumed from %s step %d", ckpt.directory, latest)
-  meta = {"config": config_lib.to_dict(cfg), "data_fingerprint": ds.fingerprint,
+  meta = {"config": config_lib.to_dict(cfg), "model_config": config_lib.to_dict(run.model_cfg),
+          "data_fingerprint": ds.fingerprint,
           "provenance": ds.provenance}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune import config as config_lib
+from jaxtune import convert
 from jaxtune import data as data_lib
 from jaxtune import sharding
 from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
 from jaxtune.peft import lora
 from jaxtune.peft import qlora
 from jaxtune.train import objectives
@@ -88,6 +90,15 @@ def load_weights(cfg: config_lib.TrainConfig, mesh, tokenizer):
     dtype = jnp.dtype(cfg.model.param_dtype)
     return qlora.load_from_config(cfg.model.hf_path, cfg.peft, dtype=dtype, mesh=mesh,
                                   base=cfg.model)
+  if cfg.model.hf_path and convert.is_checkpoint(cfg.model.hf_path):
+    model_cfg, params = convert.load_params(cfg.model.hf_path)
+    model_cfg = _compute_opts(model_cfg, cfg.model)
+    params = jax.device_put(params, sharding.tree_shardings(mesh, decoder.axes(model_cfg), params))
+    if cfg.peft.method == "qlora":
+      params = qlora.quantize_params(params, method=cfg.peft.quant_method,
+                                     group_size=cfg.peft.quant_group_size,
+                                     double_quant=cfg.peft.double_quant)
+    return model_cfg, params
   vocab = None if cfg.model.hf_path else max(cfg.model.vocab_size, len(tokenizer))
   if not cfg.model.hf_path:
     ids = dict(bos_token_id=_id(tokenizer.bos_token_id), pad_token_id=_id(tokenizer.pad_token_id),
@@ -99,6 +110,12 @@ def load_weights(cfg: config_lib.TrainConfig, mesh, tokenizer):
                                    group_size=cfg.peft.quant_group_size,
                                    double_quant=cfg.peft.double_quant)
   return model_cfg, params
+
+
+def _compute_opts(model_cfg, base):
+  """model_cfg's architecture with the compute options (dtype, remat, ...) of `base`."""
+  keep = ("hf_path", "dtype", "param_dtype", "remat", "attention", "scan_layers", "logits_chunk")
+  return dataclasses.replace(model_cfg, **{k: getattr(base, k) for k in keep})
 
 
 def _id(x) -> int:
@@ -134,15 +151,18 @@ def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   return Job(cfg=cfg, run=run, data=data, tokenizer=tokenizer, export=export)
 
 
-def export_model(ctx: Context, state, out_dir: str, meta: dict) -> str:
+def export_model(ctx: Context, state, out_dir: str, meta: dict, *,
+                 write_adapter: bool = True) -> str:
   """HF export: the full model (LoRA merged into it) to out_dir; adapters to out_dir_adapter."""
   metadata = {"data_fingerprint": meta.get("data_fingerprint", ""),
               "jaxtune_method": ctx.cfg.method, "jaxtune_peft": ctx.cfg.peft.method}
   params = state.trainable
   if ctx.adapters is not None:
     adapters = dataclasses.replace(ctx.adapters, params=state.trainable)
-    lora.save_peft(ctx.model_cfg, adapters, out_dir.rstrip("/") + "_adapter",
-                   base_model_name_or_path=ctx.cfg.model.hf_path)
+    if write_adapter:
+        lora.save_peft(ctx.model_cfg, adapters, out_dir.rstrip("/") + "_adapter",
+                     base_model_name_or_path=ctx.cfg.model.hf_path)
     params = lora.merge(ctx.model_cfg, ctx.params, adapters)
-  hf_io.save_hf(ctx.model_cfg, params, out_dir, tokenizer=ctx.tokenizer, metadata=metadata)
+  hf_io.save_hf(ctx.model_cfg, params, out_dir, tokenizer=ctx.tokenizer, metadata=metadata,
+                dtype=ctx.model_cfg.param_dtype)
   return os.path.abspath(out_dir)

@@ -1,0 +1,111 @@
+"""The train and convert launchers end to end: metrics, checkpoints, exports, resume, errors."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+
+import jaxtune
+from jaxtune import convert
+from tests import hf_models
+from tests import launch_utils as lu
+
+TINY = "--config=configs/tiny_test.py"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("run"))
+  lu.run("train.py", TINY, f"--workdir={wd}")
+  return wd
+
+
+def test_run_writes_metrics_checkpoints_and_hf_export(trained):
+  rows = lu.metrics(trained)
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert steps == list(range(1, 13))
+  for r in rows:
+    if "loss" in r:
+      assert {"grad_norm", "lr", "tokens_per_s"} <= set(r), r
+  vals = [r["val_loss"] for r in rows if "val_loss" in r]
+  assert len(vals) == 2 and vals[1] < vals[0]
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert losses[-1] < losses[0] - 0.2
+  kept = sorted(int(s) for s in os.listdir(os.path.join(trained, "checkpoints")) if s.isdigit())
+  assert kept == [8, 12]  # keep=2
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(trained, "tb")))
+  # The export loads in transformers and gives jaxtune's logits for the trained params.
+  hf_dir = os.path.join(trained, "hf")
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+  assert tok.chat_template
+  cfg, params = convert.load_params(trained)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 21)).astype(np.int32)
+  np.testing.assert_allclose(hf_models.logits(model, tokens),
+                             np.asarray(jaxtune.forward(cfg, params, tokens)), atol=1e-4)
+
+
+def test_convert_checkpoint_to_hf_matches_run_export(trained, tmp_path):
+  lu.run("convert.py", f"--from_checkpoint={trained}", f"--to_hf={tmp_path}/hf")
+  a = safetensors.numpy.load_file(os.path.join(trained, "hf", "model.safetensors"))
+  b = safetensors.numpy.load_file(os.path.join(tmp_path, "hf", "model.safetensors"))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_convert_hf_round_trip_is_exact(tmp_path):
+  model = hf_models.make("qwen2")
+  model.save_pretrained(tmp_path / "src")
+  lu.run("convert.py", f"--from_hf={tmp_path}/src", f"--out={tmp_path}/ckpt")
+  lu.run("convert.py", f"--from_checkpoint={tmp_path}/ckpt", f"--to_hf={tmp_path}/back")
+  a = safetensors.numpy.load_file(tmp_path / "src" / "model.safetensors")
+  b = safetensors.numpy.load_file(tmp_path / "back" / "model.safetensors")
+  a.pop("lm_head.weight", None)  # tied
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--set=optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("--set=train.max_steps=ten", "bad value for train.max_steps: 'ten' is not a int"),
+    ("--set=peft.method=lorax", "bad value for peft.method: 'lorax'"),
+])
+def test_bad_overrides_are_one_line_errors(flag, message, tmp_path):
+  p = lu.run("train.py", TINY, f"--workdir={tmp_path}", flag, check=False)
+  assert p.returncode == 2
+  last = p.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, p.stderr[-2000:]
+
+
+def test_sigkill_then_resume_gives_identical_losses(tmp_path):
+  """Kill -9 mid-run after a checkpoint; the same command resumes to the same losses."""
+  steps = "--set=train.max_steps=40"
+  ref = str(tmp_path / "ref")
+  lu.run("train.py", TINY, f"--workdir={ref}", steps, "--set=checkpoint.export_hf=false")
+  wd = str(tmp_path / "killed")
+  args = [TINY, f"--workdir={wd}", steps, "--set=checkpoint.export_hf=false"]
+  proc = subprocess.Popen(lu.cmd("train.py", *args), env=lu.env(), cwd=lu.ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(wd, "checkpoints", "8")
+  deadline = time.time() + 300
+  while not os.path.isdir(ckpt) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(ckpt)
+  done = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
+  assert max(done) < 40, "the run finished before it was killed"
+  p = lu.run("train.py", *args)
+  assert "resumed_from" in p.stdout and "'resumed_from': 0" not in p.stdout
+  a, b = lu.losses(ref), lu.losses(wd)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  np.testing.assert_allclose([b[s] for s in range(1, 41)], [a[s] for s in range(1, 41)],
+                             rtol=0, atol=1e-6)
