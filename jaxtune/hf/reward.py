@@ -1,0 +1,153 @@
+"""Reward models in Hugging Face's sequence-classification format, both ways.
+
+A jaxtune reward model is a decoder's params plus a head {"kernel": [D, 1]}
+(`jaxtune.train.reward`). In HF it is `<Family>ForSequenceClassification` with
+num_labels=1: the decoder's tensors under `model.*` as in the causal-LM table
+(`jaxtune.hf.keys`), no `lm_head.weight`, and `score.weight` [1, D] (no bias):
+
+    save(cfg, params, head, out_dir, tokenizer=tok, pad_token_id=0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out_dir)
+    cfg, params, head = load(out_dir)        # params without lm_head: hidden states only
+
+HF pools the score at the rightmost token that is not `pad_token_id`, so config.json must
+carry a pad id, and inputs must not contain it inside the sequence (right padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import safetensors
+
+from jaxtune import config as config_lib
+from jaxtune import tree
+from jaxtune.hf import config as hf_config
+from jaxtune.hf import io as hf_io
+from jaxtune.hf import keys
+
+SCORE_KEY = "score.weight"
+LM_HEAD_KEY = "lm_head.weight"
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def architecture(family: str) -> str:
+  """'LlamaForSequenceClassification' for 'llama', and so on."""
+  if family not in hf_config.ARCHITECTURES:
+    raise ValueError(f"no sequence-classification architecture for family {family!r} "
+                     f"(expected one of {', '.join(hf_config.ARCHITECTURES)})")
+  return hf_config.ARCHITECTURES[family].replace("ForCausalLM", "ForSequenceClassification")
+
+
+def hf_config_dict(cfg: config_lib.ModelConfig, *, pad_token_id: int,
+                   dtype: str = "float32") -> dict:
+  """config.json of the classifier: the causal-LM config plus num_labels=1 and a pad id."""
+  if pad_token_id is None or pad_token_id < 0:
+    raise ValueError("reward model export needs a pad_token_id >= 0: HF's "
+                     "*ForSequenceClassification finds the last token through it")
+  d = hf_config.to_hf(cfg, dtype=dtype)
+  d.update(architectures=[architecture(cfg.family)], pad_token_id=int(pad_token_id),
+           num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+  return d
+
+
+def save(cfg: config_lib.ModelConfig, params: dict, head: dict, out_dir: str, *,
+         tokenizer=None, pad_token_id: int | None = None, dtype: str | None = None,
+         metadata: dict | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
+  """Writes an HF directory that AutoModelForSequenceClassification loads (num_labels=1).
+
+  params: dense decoder params (merge LoRA first); lm_head, if any, is not written.
+  head: {"kernel": [D, 1]}. pad_token_id: default cfg.pad_token_id, then the tokenizer's.
+  All processes must call it (sharded params are gathered); only process 0 writes.
+  """
+  dtype = dtype or cfg.param_dtype
+  if pad_token_id is None:
+    pad_token_id = cfg.pad_token_id
+    if pad_token_id < 0 and tokenizer is not None and tokenizer.pad_token_id is not None:
+      pad_token_id = int(tokenizer.pad_token_id)
+  np_dtype = _NP_DTYPES[dtype]
+  flat = {}
+  for path, x in tree.flatten(params).items():
+    if path.startswith("score/"):
+      continue
+    if not isinstance(x, (jax.Array, np.ndarray)):
+      raise ValueError(f"reward save: param {path} is a {type(x).__name__}; dequantise or merge "
+                       "it to a dense array first")
+    flat[path] = hf_io.to_host(x).astype(np_dtype)
+  kernel = hf_io.to_host(head["kernel"])
+  if kernel.shape != (cfg.hidden_size, 1):
+    raise ValueError(f"reward head kernel has shape {kernel.shape}, expected "
+                     f"[hidden_size={cfg.hidden_size}, 1]")
+  config = hf_config_dict(cfg, pad_token_id=pad_token_id, dtype=dtype)
+  if jax.process_index() != 0:
+    return out_dir
+  tied = dataclasses.replace(cfg, tie_word_embeddings=True)  # the table's rows, no lm_head
+  tensors = keys.to_hf(tied, flat)
+  tensors[SCORE_KEY] = np.ascontiguousarray(kernel.T.astype(np_dtype))  # [1, D]
+  os.makedirs(out_dir, exist_ok=True)
+  hf_io.save_safetensors(tensors, out_dir, max_shard_bytes=max_shard_bytes, metadata=metadata)
+  if metadata:
+    config["jaxtune"] = metadata
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir
+
+
+def _tensors(model_dir: str) -> dict:
+  """{key: (file, shape)} over the directory's safetensors files."""
+  files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"{model_dir}: no *.safetensors weights")
+  out = {}
+  for name in files:
+    with safetensors.safe_open(os.path.join(model_dir, name), framework="np") as h:
+      for k in h.keys():
+        out[k] = (name, tuple(h.get_slice(k).get_shape()))
+  return out
+
+
+def load(model_dir: str, base: config_lib.ModelConfig | None = None):
+  """(ModelConfig, params, head) from an HF *ForSequenceClassification dir (num_labels=1).
+
+  params hold no lm_head (a classifier has none): use them for hidden states / `score`.
+  Unknown, missing or mis-shaped tensors are errors naming the key and shapes.
+  """
+  model_dir = hf_io.resolve(model_dir)
+  with open(os.path.join(model_dir, "config.json")) as f:
+    d = json.load(f)
+  labels = d.get("num_labels", len(d.get("id2label") or {}) or None)
+  archs = d.get("architectures") or []
+  if not any(a.endswith("ForSequenceClassification") for a in archs) or labels != 1:
+    raise ValueError(f"{model_dir}: expected a *ForSequenceClassification model with "
+                     f"num_labels=1, got architectures={archs}, num_labels={labels}")
+  cfg = hf_config.from_hf(d, base, source=os.path.join(model_dir, "config.json"))
+  tied = dataclasses.replace(cfg, tie_word_embeddings=True)  # no lm_head row
+  present = _tensors(model_dir)
+  expected = dict(keys.hf_shapes(tied))
+  expected[SCORE_KEY] = (1, cfg.hidden_size)
+  extra = sorted(k for k in present if k not in expected
+                 and not k.endswith(keys.IGNORED_SUFFIXES) and k != LM_HEAD_KEY)
+  missing = sorted(k for k in expected if k not in present)
+  bad = sorted(k for k in expected if k in present and present[k][1] != tuple(expected[k]))
+  if extra or missing or bad:
+    raise ValueError(f"{model_dir}: unknown tensors {extra[:8]}, missing {missing[:8]}, "
+                     f"mis-shaped {[(k, present[k][1], expected[k]) for k in bad[:8]]}")
+  handles = {}
+
+  def get(k):
+    name = present[k][0]
+    if name not in handles:
+      handles[name] = safetensors.safe_open(os.path.join(model_dir, name), framework="np")
+    return handles[name].get_tensor(k)
+
+  np_dtype = _NP_DTYPES[cfg.param_dtype]
+  flat = {p: x.astype(np_dtype) for p, x in keys.to_params(tied, get)}
+  params = jax.tree_util.tree_map(np.asarray, tree.unflatten(flat))
+  head = {"kernel": np.ascontiguousarray(get(SCORE_KEY).T.astype(np_dtype))}  # [D, 1]
+  return cfg, params, head

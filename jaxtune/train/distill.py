@@ -1,0 +1,156 @@
+"""method=distill: a student matches a frozen teacher's next-token distributions on SFT data.
+
+The teacher (method_cfg.teacher_path: an HF directory or hub id whose tokenizer is the
+student's; any size) is loaded once into frozen["teacher"], sharded by its OWN logical
+axes (`decoder.axes(teacher_cfg)` through the shared rules table), optionally as 4-bit
+QArrays (method_cfg.teacher_quant = nf4 | int4, group size peft.quant_group_size). Each
+step runs it on the same packed batch, without gradient, next to the student (full or
+LoRA/QLoRA):
+
+    loss = alpha * distill_loss(student, teacher, mask; kind, T, beta, top_k)
+           + (1 - alpha) * cross_entropy(student, targets, mask)       alpha = distill_alpha
+
+over the SFT loss mask, a token mean (the objective returns token sums, weight = tokens).
+kl_to_teacher is reported whatever the kind: KL(teacher || student) at T = 1 over the full
+vocabulary (what "held-out KL" means in the tests), also on eval as val_kl_to_teacher.
+
+Vocabularies: HF checkpoints of one tokenizer often pad the embedding table to different
+sizes (e.g. 151936 vs 152064); both logits are cut to the smaller vocabulary, which must
+still cover the tokenizer. The precomputed top-k teacher file (method_cfg.
+teacher_logits_file) is not implemented: it is a ConfigError (see `check`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import losses
+from jaxtune import sharding
+from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
+from jaxtune.peft import qlora
+from jaxtune.train import objectives
+from jaxtune.train import setup
+
+TEACHER = "teacher"
+
+
+def check(cfg: config_lib.TrainConfig) -> None:
+  """ConfigErrors, naming the key, for settings method=distill cannot run with."""
+  mc = cfg.method_cfg
+  if not mc.teacher_path:
+    raise config_lib.ConfigError(
+        "method=distill needs method_cfg.teacher_path: an HF model directory or hub id that "
+        "shares the student's tokenizer")
+  if mc.teacher_logits_file:
+    raise config_lib.ConfigError(
+        "method_cfg.teacher_logits_file: precomputed top-k teacher logits are not "
+        "implemented yet; leave it empty to run the teacher in the step")
+  if not 0.0 <= mc.distill_alpha <= 1.0:
+    raise config_lib.ConfigError(f"bad value for method_cfg.distill_alpha: {mc.distill_alpha} "
+                                 "(expected 0 <= alpha <= 1)")
+  if mc.distill_temperature <= 0:
+    raise config_lib.ConfigError("bad value for method_cfg.distill_temperature: "
+                                 f"{mc.distill_temperature} (expected > 0)")
+  if not 0.0 <= mc.distill_beta <= 1.0:
+    raise config_lib.ConfigError(f"bad value for method_cfg.distill_beta: {mc.distill_beta} "
+                                 "(expected 0 <= beta <= 1)")
+
+
+def teacher_config(cfg: config_lib.TrainConfig) -> config_lib.ModelConfig:
+  """The teacher's architecture from its config.json, with the run's compute options."""
+  check(cfg)
+  try:
+    model_dir = hf_io.resolve(cfg.method_cfg.teacher_path)
+    return hf_io.read_config(model_dir, cfg.model)
+  except ValueError as e:
+    raise config_lib.ConfigError(f"method_cfg.teacher_path: {e}") from e
+
+
+def common_vocab(student: config_lib.ModelConfig, teacher: config_lib.ModelConfig,
+                 tokenizer=None) -> int:
+  """The vocabulary both logits are cut to; it must cover the tokenizer."""
+  v = min(student.vocab_size, teacher.vocab_size)
+  need = len(tokenizer) if tokenizer is not None else 0
+  if v < need:
+    raise config_lib.ConfigError(
+        f"method_cfg.teacher_path: teacher vocab_size={teacher.vocab_size} and student "
+        f"vocab_size={student.vocab_size}; the smaller ({v}) does not cover the tokenizer's "
+        f"{need} tokens: the teacher must use the student's tokenizer")
+  return v
+
+
+def load_teacher(cfg: config_lib.TrainConfig, teacher_cfg: config_lib.ModelConfig, mesh):
+  """Teacher params on `mesh`, sharded by the teacher's own axes (4-bit if teacher_quant)."""
+  path = hf_io.resolve(cfg.method_cfg.teacher_path)
+  dtype = jnp.dtype(cfg.model.param_dtype)
+  if cfg.method_cfg.teacher_quant != "none":
+    _, params = qlora.load_quantized(path, method=cfg.method_cfg.teacher_quant,
+                                     group_size=cfg.peft.quant_group_size,
+                                     double_quant=cfg.peft.double_quant, dtype=dtype,
+                                     mesh=mesh, base=cfg.model)
+  else:
+    _, params = hf_io.load_hf(path, dtype, base=cfg.model,
+                              place=setup.place_fn(mesh, teacher_cfg))
+  return params
+
+
+def make_objective(model_cfg: config_lib.ModelConfig, teacher_cfg: config_lib.ModelConfig,
+                   method_cfg: config_lib.MethodConfig, *, vocab: int,
+                   lora_scale: float | None = None, constrain=None):
+  """objective(trainable, frozen, batch, rng) -> (token sum of the mixed loss, (tokens, metrics)).
+
+  frozen[TEACHER] holds the teacher params; `vocab` is the common vocabulary size.
+  """
+  constrain = constrain or (lambda x, _: x)
+  mc = method_cfg
+
+  def objective(trainable, frozen, batch, rng):
+    del rng
+    params, h = objectives.forward_hidden(model_cfg, trainable, frozen, batch, lora_scale,
+                                          constrain)
+    student = decoder.logits_from_hidden(model_cfg, params, h)[..., :vocab]  # [B, T, V]
+    teacher_params = frozen[TEACHER]
+    th = decoder.hidden_states(teacher_cfg, teacher_params, batch["tokens"],
+                               positions=batch.get("positions"),
+                               segment_ids=batch.get("segment_ids"), constrain=constrain)
+    teacher = decoder.logits_from_hidden(teacher_cfg, teacher_params, th)[..., :vocab]
+    teacher = jax.lax.stop_gradient(teacher)  # [B, T, V]
+    mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
+    tokens = jnp.sum(mask)
+    dist, _ = losses.distill_loss(student, teacher, mask, kind=mc.distill_kind,
+                                  temperature=mc.distill_temperature, beta=mc.distill_beta,
+                                  top_k=mc.distill_top_k)  # token mean
+    ce, _ = losses.cross_entropy_loss(student, batch["targets"], mask)  # token mean
+    loss = losses.mix_with_ce(dist, ce, alpha=mc.distill_alpha)
+    plain_kl = (mc.distill_kind == "forward_kl" and mc.distill_temperature == 1.0
+                and mc.distill_top_k == 0)
+    if plain_kl:
+      kl = dist
+    else:
+      kl, _ = losses.distill_loss(student, teacher, mask, kind="forward_kl")
+    # Means times the token count are the sums (0 when there are no tokens): exact under
+    # gradient accumulation, since the step divides the summed numerators once.
+    scale = jnp.maximum(tokens, 1.0)
+    metrics = {"kl_to_teacher": (jax.lax.stop_gradient(kl) * scale, tokens),
+               "distill": (jax.lax.stop_gradient(dist) * scale, tokens),
+               "ce": (jax.lax.stop_gradient(ce) * scale, tokens)}
+    return loss * scale, (tokens, metrics)
+
+  return objective
+
+
+def objective(ctx):
+  """The Method hook: the distillation objective for the job in `ctx` (a methods.Context)."""
+  teacher_cfg = teacher_config(ctx.cfg)
+  vocab = common_vocab(ctx.model_cfg, teacher_cfg, ctx.tokenizer)
+  return make_objective(ctx.model_cfg, teacher_cfg, ctx.cfg.method_cfg, vocab=vocab,
+                        lora_scale=None if ctx.adapters is None else ctx.adapters.scale,
+                        constrain=sharding.constrainer(ctx.mesh))
+
+
+def frozen(ctx) -> dict:
+  """The Method hook: {"teacher": params} on ctx.mesh."""
+  return {TEACHER: load_teacher(ctx.cfg, teacher_config(ctx.cfg), ctx.mesh)}

@@ -1,0 +1,239 @@
+"""method=dpo: DPO-family preference training on (chosen, rejected) pairs.
+
+The objective runs chosen and rejected through ONE policy forward ([B, 2, T] -> [2B, T]),
+sums each response's token log-probs over its loss mask (the prompt is never counted),
+and feeds them to the pure losses of `jaxtune.losses` (method_cfg.loss_type):
+
+    sigmoid | hinge | robust    summed log-probs, policy vs reference   (DPO, SLiC, rDPO)
+    ipo                         length-AVERAGED log-probs vs reference  (as TRL runs IPO)
+    simpo | orpo                length-averaged, reference-free
+
+The reference log-probs (method_cfg.reference) come from:
+
+    frozen        a copy of the initial weights, frozen["ref"] (full fine-tuning default)
+    adapters_off  the LoRA/QLoRA base with the adapters switched off: frozen["base"], no
+                  second copy (with PEFT, "frozen" means this too: B = 0 at init, so the
+                  initial model IS the base)
+    precomputed   one pass over every train and eval pair before training, stored as a
+                  table frozen["ref_table"] keyed by a 64-bit hash of each pair's tokens and
+                  loss mask; the step looks its rows up, so no reference forward per step
+                  and no copy of the weights (see `precompute`)
+
+The objective returns sums over the valid pairs of the micro-batch, weight = their number,
+and metrics rewards/{chosen,rejected,accuracy,margin} and logps/{chosen,rejected}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune import config as config_lib
+from jaxtune import losses
+from jaxtune import sharding
+from jaxtune.data import packing
+from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
+from jaxtune.train import objectives
+from jaxtune.train import pairs
+from jaxtune.train import setup
+
+_log = logging.getLogger("jaxtune")
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+AVERAGED = ("ipo", "simpo", "orpo")  # losses on length-averaged log-probs
+_HASH_PRIMES = (1000003, 2654435761)
+
+
+def reference_mode(cfg: config_lib.TrainConfig) -> str:
+  """'none' (reference-free loss) | 'frozen' | 'adapters_off' | 'precomputed'."""
+  mc = cfg.method_cfg
+  if mc.loss_type not in LOSS_TYPES:
+    raise config_lib.ConfigError(f"bad value for method_cfg.loss_type: {mc.loss_type!r} "
+                                 f"(method=dpo expects one of {', '.join(LOSS_TYPES)})")
+  if mc.loss_type in REFERENCE_FREE:
+    return "none"
+  peft = cfg.peft.method != "none"
+  if mc.reference == "adapters_off" and not peft:
+    raise config_lib.ConfigError(
+        "method_cfg.reference=adapters_off needs peft.method=lora or qlora (full fine-tuning "
+        "has no adapters to switch off); use method_cfg.reference=frozen or precomputed")
+  if mc.reference == "frozen" and peft:
+    return "adapters_off"  # the same model without a copy: adapters start at B = 0
+  return mc.reference
+
+
+def pair_losses(method_cfg: config_lib.MethodConfig, pol_sum, pol_avg, ref_sum, ref_avg):
+  """Per-pair losses [B] and metrics {name: [B]} from [B, 2] log-probs (0 = chosen).
+
+  The library losses average over their batch; vmapping them over single pairs gives the
+  per-pair terms, so padding pairs can be weighted out and micro-batches summed exactly.
+  """
+  mc = method_cfg
+
+  def one(ps, pa, rs, ra):  # each [2]
+    lt = mc.loss_type
+    if lt == "simpo":
+      loss, m = losses.simpo_loss(pa[:1], pa[1:], beta=mc.beta, gamma=mc.simpo_gamma,
+                                  label_smoothing=mc.label_smoothing)
+    elif lt == "orpo":
+      loss, m = losses.orpo_loss(pa[:1], pa[1:], -pa[:1], beta=mc.beta)
+    elif lt == "ipo":
+      loss, m = losses.dpo_loss(pa[:1], pa[1:], ra[:1], ra[1:], beta=mc.beta, loss_type="ipo")
+    else:
+      loss, m = losses.dpo_loss(ps[:1], ps[1:], rs[:1], rs[1:], beta=mc.beta, loss_type=lt,
+                                label_smoothing=mc.label_smoothing)
+    m = {k: v for k, v in m.items() if k != "loss"}
+    return loss, m
+
+  return jax.vmap(one)(pol_sum, pol_avg, ref_sum, ref_avg)
+
+
+def pair_keys(batch: dict) -> jax.Array:
+  """[B, 2] uint32: two independent 32-bit polynomial hashes of each pair's tokens and mask.
+
+  Computed with wrapping uint32 arithmetic, so the host-side table (built by this same
+  function, jitted) and the step agree bit for bit.
+  """
+  tokens = batch["tokens"].astype(jnp.uint32)  # [B, 2, T]
+  mask = (batch["loss_mask"] > 0).astype(jnp.uint32)
+  v = jnp.where(batch["segment_ids"] > 0, (tokens + 1) * 2 + mask, 0).astype(jnp.uint32)
+  v = v.reshape(v.shape[0], -1)  # [B, 2T]
+  n = v.shape[1]
+  keys = []
+  for p in _HASH_PRIMES:
+    pows = np.array([pow(p, i, 2**32) for i in range(n)], np.uint32)  # [2T]
+    keys.append(jnp.sum(v * jnp.asarray(pows), axis=-1, dtype=jnp.uint32))
+  return jnp.stack(keys, axis=-1)
+
+
+def lookup(table: dict, batch: dict):
+  """Reference (sum [B, 2], avg [B, 2], found [B]) from a precomputed table."""
+  q = pair_keys(batch)  # [B, 2]
+  match = jnp.all(q[:, None, :] == table["keys"][None, :, :], axis=-1)  # [B, N]
+  idx = jnp.argmax(match, axis=-1)  # [B]
+  logps = table["logps"][idx]  # [B, 2 (chosen/rejected), 2 (sum/avg)]
+  return logps[..., 0], logps[..., 1], jnp.any(match, axis=-1)
+
+
+def _reference_hidden(model_cfg, params, flat, constrain):
+  h = decoder.hidden_states(model_cfg, params, flat["tokens"], positions=flat.get("positions"),
+                            segment_ids=flat.get("segment_ids"), lora=None, constrain=constrain)
+  return jax.lax.stop_gradient(h)
+
+
+def sequence_logprobs(model_cfg, params, h, flat):
+  """([B, 2] summed, [B, 2] averaged) response log-probs from hidden states [2B, T, D]."""
+  lp = pairs.token_logprobs_from_hidden(model_cfg, params, h, flat["targets"])  # [2B, T]
+  total, avg = pairs.sequence_logprobs(lp, flat["loss_mask"])  # [2B], [2B]
+  return pairs.unflatten(total), pairs.unflatten(avg)
+
+
+def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.MethodConfig,
+                   mode: str, *, lora_scale: float | None = None, constrain=None):
+  """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
+  constrain = constrain or (lambda x, _: x)
+
+  def objective(trainable, frozen, batch, rng):
+    del rng
+    flat = pairs.flatten(batch)  # [2B, T] each
+    valid = pairs.valid_pairs(batch)  # [B]
+    params, h = objectives.forward_hidden(model_cfg, trainable, frozen, flat, lora_scale,
+                                          constrain)
+    pol_sum, pol_avg = sequence_logprobs(model_cfg, params, h, flat)  # [B, 2]
+    extra = {}
+    if mode == "none":
+      ref_sum = ref_avg = jnp.zeros_like(pol_sum)
+    elif mode == "precomputed":
+      ref_sum, ref_avg, found = lookup(frozen["ref_table"], batch)
+      extra["ref/missing"] = 1.0 - found.astype(jnp.float32)
+    else:
+      ref_params = frozen["ref"] if mode == "frozen" else frozen["base"]
+      h_ref = _reference_hidden(model_cfg, ref_params, flat, constrain)
+      ref_sum, ref_avg = jax.lax.stop_gradient(
+          sequence_logprobs(model_cfg, ref_params, h_ref, flat))
+    per_pair, metrics = pair_losses(method_cfg, pol_sum, pol_avg, ref_sum, ref_avg)
+    loss_sum = jnp.sum(jnp.where(valid > 0, per_pair, 0.0))
+    metrics = dict(metrics)
+    metrics["logps/chosen"] = jax.lax.stop_gradient(pol_sum[:, 0])
+    metrics["logps/rejected"] = jax.lax.stop_gradient(pol_sum[:, 1])
+    metrics.update(extra)
+    return loss_sum, (jnp.sum(valid), pairs.summed(metrics, valid))
+
+  return objective
+
+
+def objective(ctx):
+  """The Method hook: the DPO objective for the job in `ctx` (a methods.Context)."""
+  mode = reference_mode(ctx.cfg)
+  return make_objective(ctx.model_cfg, ctx.cfg.method_cfg, mode,
+                        lora_scale=None if ctx.adapters is None else ctx.adapters.scale,
+                        constrain=sharding.constrainer(ctx.mesh))
+
+
+def frozen(ctx) -> dict:
+  """The Method hook: the reference's frozen tree ({"ref"}, {"ref_table"} or nothing)."""
+  mode = reference_mode(ctx.cfg)
+  if mode == "frozen":
+    # A real copy: the policy's buffers are donated to (and overwritten by) every step.
+    return {"ref": jax.tree_util.tree_map(lambda x: x.copy(), ctx.params)}
+  if mode == "precomputed":
+    return {"ref_table": precompute(ctx)}
+  return {}
+
+
+def _examples(ctx) -> list:
+  """Every train pair (encode.Result) of the job, source by source."""
+  examples = getattr(ctx.data.train, "_examples", None)
+  if examples is None:
+    raise NotImplementedError(
+        "method_cfg.reference=precomputed needs the train loader's examples "
+        f"({type(ctx.data.train).__name__} has no _examples); use reference=frozen")
+  return [r for src in examples for r in src]
+
+
+def _global_batches(ctx):
+  """This process's share of [B, 2, T] batches covering every train pair, then the eval ones."""
+  loader = ctx.data.train
+  bs, local = ctx.cfg.data.batch_size, loader.local_batch_size
+  start = loader.process_index * local
+  rows = [(r.seqs, 0) for r in _examples(ctx)]
+  rows += [None] * (-len(rows) % bs)
+  for b in range(0, len(rows), bs):
+    yield packing.assemble_pairs(rows[b + start:b + start + local], loader.seq_len, loader.pad_id)
+  yield from ctx.data.eval
+
+
+def precompute(ctx) -> dict:
+  """The reference table: {"keys": uint32 [N, 2], "logps": float32 [N, 2, 2]} on ctx.mesh.
+
+  logps[n, c] = (sum, average) of the reference's response log-probs, c = 0 chosen,
+  1 rejected. The reference is the initial model (with PEFT: the base, adapters off).
+  """
+  model_cfg, constrain = ctx.model_cfg, sharding.constrainer(ctx.mesh)
+
+  @jax.jit
+  def table_rows(params, batch):
+    flat = pairs.flatten(batch)
+    h = _reference_hidden(model_cfg, params, flat, constrain)
+    total, avg = sequence_logprobs(model_cfg, params, h, flat)  # [B, 2]
+    return pair_keys(batch), jnp.stack([total, avg], axis=-1), pairs.valid_pairs(batch)
+
+  batch_sh = sharding.batch_sharding(ctx.mesh)
+  keys, logps = [], []
+  for host in _global_batches(ctx):
+    k, lp, valid = table_rows(ctx.params, setup.global_batch(host, batch_sh))
+    valid = hf_io.to_host(valid) > 0
+    keys.append(hf_io.to_host(k)[valid])
+    logps.append(hf_io.to_host(lp)[valid])
+  keys, logps = np.concatenate(keys), np.concatenate(logps).astype(np.float32)
+  keys, first = np.unique(keys, axis=0, return_index=True)  # a repeated pair is stored once
+  logps = logps[first]
+  _log.info("dpo: precomputed reference log-probs of %d pairs", len(keys))
+  repl = sharding.replicated(ctx.mesh)
+  put = lambda x: jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])  # noqa: E731
+  return {"keys": put(keys), "logps": put(logps)}

@@ -1,0 +1,169 @@
+"""method=reward: a scalar reward model (decoder + linear head) trained with Bradley-Terry.
+
+The score of a sequence is the head applied to the final hidden state of its LAST real
+token (the last position with segment_ids > 0), exactly what HF's
+`*ForSequenceClassification` (num_labels=1) computes for a right-padded input whose pad id
+does not occur in the sequence:
+
+    h = decoder.hidden_states(tokens)                 # [N, T, D]
+    score = h[n, last(n)] @ head["kernel"]            # [N]; kernel [D, 1], no bias
+
+The head lives in the trainable tree under "score", next to the params (full FT) or the
+LoRA adapter tree (LoRA/QLoRA: the head is trained too; the decoder ignores the extra key):
+
+    full FT   trainable = {"embed_tokens": ..., "layers": ..., "norm": ..., "score": {"kernel"}}
+    LoRA      trainable = {"layers": {...adapters...}, "score": {"kernel": [D, 1]}}
+
+`score(model_cfg, params, head, tokens, segment_ids)` is the reward function for later
+use (e.g. GRPO); `jaxtune.hf.reward` saves/loads the HF sequence-classification format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import losses
+from jaxtune import sharding
+from jaxtune.hf import reward as hf_reward
+from jaxtune.models import decoder
+from jaxtune.peft import lora
+from jaxtune.train import objectives
+from jaxtune.train import pairs
+
+HEAD = "score"
+
+
+def init_head(model_cfg: config_lib.ModelConfig, key: jax.Array) -> dict:
+  """{"kernel": [D, 1]} ~ N(0, 1/D), in the param dtype."""
+  d = model_cfg.hidden_size
+  w = jax.random.normal(key, (d, 1), jnp.float32) / d**0.5
+  return {"kernel": w.astype(decoder.DTYPES[model_cfg.param_dtype])}
+
+
+def head_axes() -> dict:
+  """Logical axes of the head: tiny, replicated."""
+  return {"kernel": (None, None)}
+
+
+def score_from_hidden(head: dict, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """h [N, T, D], segment_ids [N, T] -> float32 scores [N] at each row's last real token."""
+  last = pairs.last_token_index(segment_ids)  # [N]
+  h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [N, D]
+  w = head["kernel"]
+  if w.ndim != 2 or w.shape != (h.shape[-1], 1):
+    raise ValueError(f"reward head kernel must be [D={h.shape[-1]}, 1], got {w.shape}")
+  return jnp.einsum("nd,do->no", h_last.astype(jnp.float32), w.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)[:, 0]
+
+
+def score(model_cfg: config_lib.ModelConfig, params: dict, head: dict, tokens: jax.Array,
+          segment_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
+          lora=None, constrain=None) -> jax.Array:
+  """Reward scores [N] float32 of right-padded sequences tokens [N, T].
+
+  segment_ids [N, T]: 1 on real tokens, 0 on padding (default: every token is real).
+  `lora` is None, a `lora.Adapters` or a (tree, scale) pair, as in `decoder.forward`.
+  """
+  if segment_ids is None:
+    segment_ids = jnp.ones(tokens.shape, jnp.int32)
+  if lora is None:
+    lora_tree, scale = None, 1.0
+  elif isinstance(lora, tuple):
+    lora_tree, scale = lora
+  else:
+    lora_tree, scale = lora.params, lora.scale
+  h = decoder.hidden_states(model_cfg, params, tokens, positions=positions,
+                            segment_ids=segment_ids, lora=lora_tree, lora_scale=scale,
+                            constrain=constrain)
+  return score_from_hidden(head, h, segment_ids)
+
+
+def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.MethodConfig, *,
+                   lora_scale: float | None = None, constrain=None):
+  """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
+  constrain = constrain or (lambda x, _: x)
+
+  def objective(trainable, frozen, batch, rng):
+    del rng
+    if HEAD not in trainable:
+      raise ValueError(f"method=reward: the trainable tree has no {HEAD!r} head (keys: "
+                       f"{sorted(trainable)})")
+    flat = pairs.flatten(batch)  # [2B, T]
+    valid = pairs.valid_pairs(batch)  # [B]
+    _, h = objectives.forward_hidden(model_cfg, trainable, frozen, flat, lora_scale, constrain)
+    s = pairs.unflatten(score_from_hidden(trainable[HEAD], h, flat["segment_ids"]))  # [B, 2]
+    margin = None
+    if method_cfg.reward_margin:
+      if "margin" not in batch:
+        raise ValueError("method_cfg.reward_margin=true but the batch has no 'margin' [B] "
+                         f"(keys: {sorted(batch)})")
+      margin = batch["margin"]
+
+    def one(c, r, m):
+      loss, _ = losses.reward_loss(c[None], r[None], margin=None if m is None else m[None])
+      return loss
+
+    per_pair = jax.vmap(one, in_axes=(0, 0, None if margin is None else 0))(
+        s[:, 0], s[:, 1], margin)  # [B]
+    diff = jax.lax.stop_gradient(s[:, 0] - s[:, 1])
+    metrics = {"rewards/chosen": jax.lax.stop_gradient(s[:, 0]),
+               "rewards/rejected": jax.lax.stop_gradient(s[:, 1]),
+               "rewards/accuracy": (diff > 0).astype(jnp.float32),
+               "rewards/margin": diff}
+    loss_sum = jnp.sum(jnp.where(valid > 0, per_pair, 0.0))
+    return loss_sum, (jnp.sum(valid), pairs.summed(metrics, valid))
+
+  return objective
+
+
+def extra_trainable(ctx):
+  """({"score": head}, {"score": axes}): the head to train next to params / adapters.
+
+  The head is placed on ctx.mesh (replicated). Deterministic in train.seed.
+  """
+  head = init_head(ctx.model_cfg, jax.random.PRNGKey(ctx.cfg.train.seed + 3))
+  head = jax.device_put(head, sharding.replicated(ctx.mesh))
+  return {HEAD: head}, {HEAD: head_axes()}
+
+
+def attach_head_in_place(ctx) -> None:
+  """Adds the head to ctx.params in place (full FT), for a `methods.prepare` without the
+  `extra_trainable` hook: prepare hands this very dict to `setup.build` as the trainable
+  tree. With LoRA the adapter axes are fixed before any method hook runs, so that needs
+  the hook."""
+  if HEAD in ctx.params:
+    return
+  if ctx.adapters is not None:
+    raise config_lib.ConfigError(
+        "method=reward with peft.method=lora|qlora needs methods.Method.extra_trainable (the "
+        "hook that adds the trainable reward head next to the adapters); this jaxtune's "
+        "methods.prepare lacks it: use peft.method=none")
+  ctx.params[HEAD] = extra_trainable(ctx)[0][HEAD]
+
+
+def split_trainable(ctx, trainable: dict):
+  """(merged dense params without the head, head) from a trained state's trainable tree."""
+  trainable = dict(trainable)
+  head = trainable.pop(HEAD)
+  if ctx.adapters is None:
+    return trainable, head
+  base = {k: v for k, v in ctx.params.items() if k != HEAD}
+  return lora.merge(ctx.model_cfg, base, dataclasses.replace(ctx.adapters, params=trainable)), head
+
+
+def export(ctx, state, out_dir: str, meta: dict) -> str:
+  """The Method hook: an HF *ForSequenceClassification directory (num_labels=1)."""
+  params, head = split_trainable(ctx, state.trainable)
+  pad = ctx.model_cfg.pad_token_id
+  if pad < 0 and ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None:
+    pad = int(ctx.tokenizer.pad_token_id)
+  metadata = {"data_fingerprint": meta.get("data_fingerprint", ""), "jaxtune_method": "reward",
+              "jaxtune_peft": ctx.cfg.peft.method}
+  hf_reward.save(ctx.model_cfg, params, head, out_dir, tokenizer=ctx.tokenizer,
+                 pad_token_id=pad, metadata=metadata)
+  return os.path.abspath(out_dir)
