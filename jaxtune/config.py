@@ -45,12 +45,12 @@ class ModelConfig:
   """
   family: str = "llama"  # llama | mistral | qwen2 | qwen3
   vocab_size: int = 512
-  hidden_size: int = 64
-  intermediate_size: int = 176
-  num_layers: int = 2
+  hidden_size: int = 128
+  intermediate_size: int = 384
+  num_layers: int = 4
   num_heads: int = 4
   num_kv_heads: int = 2
-  head_dim: int = 16
+  head_dim: int = 32
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling = RopeScaling()
   rms_norm_eps: float = 1e-6
@@ -111,9 +111,9 @@ class PeftConfig:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with warmup and decay; no weight decay on norms, biases and embeddings' norms."""
-  lr: float = 1e-3
+  lr: float = 3e-3
   schedule: str = "cosine"  # cosine | linear | constant
-  warmup_steps: int = 10
+  warmup_steps: int = 20
   end_lr_ratio: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
@@ -144,7 +144,7 @@ class DataConfig:
   chat_template: str = ""  # path to a jinja template used when the tokenizer has none
   loss_policy: str = "auto"  # auto | assistant | last_assistant | all | completion
   seq_len: int = 128
-  batch_size: int = 8  # global batch (examples or packed rows) per optimizer step
+  batch_size: int = 16  # global batch (examples or packed rows) per optimizer step
   pack: bool = True
   truncation: str = "truncate_right"  # error | truncate_right | truncate_left | drop
   on_bad_record: str = "error"  # error | skip
@@ -162,7 +162,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  max_steps: int = 100
+  max_steps: int = 200
   log_every: int = 1
   eval_every: int = 50
   eval_batches: int = 4

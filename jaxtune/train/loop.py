@@ -191,7 +191,8 @@ def train(cfg: config_lib.TrainConfig, workdir: str) -> dict:
   if cfg.checkpoint.export_hf and (step >= cfg.train.max_steps or stopped_early):
     export_dir = job.export(state, os.path.join(workdir, "hf"), meta)
   ckpt.close()
-  summary = {"step": step, "resumed_from": start, "export": export_dir, **last_val}
+  summary = {"step": step, "resumed_from": start, "export": export_dir,
+             "processes": jax.process_count(), "devices": jax.device_count(), **last_val}
   if jax.process_index() == 0:
     bar.write(f"done at step {step}" + (f"; val_loss={last_val['val_loss']:.4f}"
                                         if last_val else "")
