@@ -33,6 +33,7 @@ flags.DEFINE_bool("peft", False, "LoRA/QLoRA: write the adapter in PEFT's format
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Dtype of exported weights "
                   "(default: the params' dtype).")
 common.define_runtime_flags()
+flags.adopt_module_key_flags(common)
 
 
 def main(argv):

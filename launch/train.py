@@ -1,7 +1,7 @@
 """Train (full fine-tuning, LoRA/QLoRA, SFT/DPO/reward/distillation) from a recipe.
 
   python launch/train.py                                    # the built-in default job
-  python launch/train.py --config=configs/llama3_sft.py --workdir=runs/x \
+  python launch/train.py --config=configs/sft_chat.py --workdir=runs/x \
       --set=model.hf_path=meta-llama/Llama-3.2-1B --set=train.max_steps=1000
 
 Writes WORKDIR/metrics.jsonl, TensorBoard events under WORKDIR/tb, orbax checkpoints under
@@ -21,6 +21,7 @@ from launch import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_config_flags()
+flags.adopt_module_key_flags(common)
 flags.DEFINE_string("workdir", "runs/default", "Run directory: metrics, checkpoints, HF export. "
                     "An existing run there is resumed.")
 
