@@ -1,0 +1,120 @@
+"""method=distill: a tiny student halves its held-out KL to a (different-size) teacher; the
+teacher stays frozen, is sharded by its own axes, and may be 4-bit; LoRA students train."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune import quant
+from jaxtune import tree
+from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
+from jaxtune.train import distill
+from jaxtune.train import loop
+from jaxtune.train import methods
+from jaxtune.train import setup
+from tests import test_methods_dpo as dpo_tests
+
+TEACHER = config_lib.ModelConfig(vocab_size=512, hidden_size=48, intermediate_size=96,
+                                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=12,
+                                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=(2,),
+                                 pad_token_id=0)
+
+
+def make_teacher(out_dir: str, *, vocab: int = 512) -> str:
+  """A random teacher (wider than the student) with peaked next-token distributions."""
+  cfg = dataclasses.replace(TEACHER, vocab_size=vocab)
+  params = decoder.init(cfg, jax.random.PRNGKey(7))
+  params["lm_head"]["kernel"] = params["lm_head"]["kernel"] * 3.0  # logits std ~3
+  hf_io.save_hf(cfg, params, out_dir)
+  return out_dir
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  return make_teacher(str(tmp_path_factory.mktemp("teacher") / "hf"))
+
+
+def tiny_cfg(teacher, **kw):
+  peft = kw.pop("peft", "none")
+  return config_lib.TrainConfig(
+      method="distill",
+      model=config_lib.ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, head_dim=8),
+      peft=config_lib.PeftConfig(method=peft, rank=8, alpha=16.0, quant_group_size=16),
+      optim=config_lib.OptimConfig(lr=1e-2, warmup_steps=2, schedule="constant"),
+      data=config_lib.DataConfig(seq_len=64, batch_size=16),
+      train=config_lib.LoopConfig(max_steps=40, progress=False),
+      method_cfg=config_lib.MethodConfig(teacher_path=teacher, **kw))
+
+
+def test_student_halves_held_out_kl_and_teacher_stays_frozen(teacher_dir):
+  job = methods.prepare(tiny_cfg(teacher_dir), mesh=dpo_tests.one_device_mesh())
+  run = job.run
+  teacher0 = dpo_tests.host(run.frozen["teacher"])
+  assert teacher0["embed_tokens"]["embedding"].shape[1] == 48  # a different size
+  before = loop.evaluate(run, run.state, job.data.eval, 0)
+  # The objective's KL is forward KL(teacher || student) over the loss mask, from the two
+  # models' own logits on the packed batch.
+  batch = job.data.eval[0]
+  s_logits = decoder.forward(run.model_cfg, run.state.trainable, batch["tokens"],
+                             positions=batch["positions"], segment_ids=batch["segment_ids"])
+  t_cfg = distill.teacher_config(job.cfg)
+  t_logits = decoder.forward(t_cfg, run.frozen["teacher"], batch["tokens"],
+                             positions=batch["positions"], segment_ids=batch["segment_ids"])
+  p = np.asarray(jax.nn.log_softmax(t_logits), np.float64)
+  q = np.asarray(jax.nn.log_softmax(s_logits), np.float64)
+  kl = (np.exp(p) * (p - q)).sum(-1)
+  m = batch["loss_mask"]
+  out = dpo_tests.host(run.eval_step(run.state.trainable, run.frozen,
+                                     setup.global_batch(batch, run.batch_sharding)))
+  np.testing.assert_allclose(out["kl_to_teacher"][0] / out["kl_to_teacher"][1],
+                             (kl * m).sum() / m.sum(), rtol=1e-5)
+  assert out["loss"][1] == m.sum()
+
+  state, rows = dpo_tests.run_steps(job, run.state, 40)
+  after = loop.evaluate(run, state, job.data.eval, 0)
+  ratio = after["val_kl_to_teacher"] / before["val_kl_to_teacher"]
+  print("distill held-out KL", before["val_kl_to_teacher"], "->", after["val_kl_to_teacher"],
+        f"(x{ratio:.3f})")
+  assert ratio < 0.5
+  assert rows[-1]["kl_to_teacher"] < rows[0]["kl_to_teacher"]
+  for path, x in tree.flatten(dpo_tests.host(run.frozen["teacher"])).items():
+    np.testing.assert_array_equal(x, tree.flatten(teacher0)[path], err_msg=path)
+
+
+def test_lora_student_with_4bit_teacher_sharded_by_its_own_axes(teacher_dir):
+  cfg = tiny_cfg(teacher_dir, peft="lora", teacher_quant="nf4", distill_kind="jsd",
+                 distill_beta=0.5, distill_alpha=0.5, distill_temperature=2.0, distill_top_k=32)
+  job = methods.prepare(cfg)  # all 8 simulated devices: fsdp=8
+  run = job.run
+  t = tree.flatten(run.frozen["teacher"])
+  assert isinstance(t["layers/mlp/up_proj/kernel"], quant.QArray)
+  emb = t["embed_tokens/embedding"]  # [V, 48]: 'embed' -> fsdp, 48 % 8 == 0
+  assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp"), emb.sharding.spec
+  assert emb.shape == (512, 48)
+  state, rows = dpo_tests.run_steps(job, run.state, 12)
+  assert {"kl_to_teacher", "distill", "ce"} <= set(rows[0])
+  assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
+  assert np.mean([r["kl_to_teacher"] for r in rows[-3:]]) < rows[0]["kl_to_teacher"]
+  # loss = alpha * jsd_T(top-k) + (1 - alpha) * ce, on the logged token means.
+  r = rows[-1]
+  np.testing.assert_allclose(r["loss"], 0.5 * r["distill"] + 0.5 * r["ce"], rtol=1e-5)
+  assert not (r["distill"] == pytest.approx(r["kl_to_teacher"]))
+
+
+def test_distill_config_errors(teacher_dir, tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="teacher_path"):
+    distill.teacher_config(tiny_cfg(""))
+  with pytest.raises(config_lib.ConfigError, match="teacher_logits_file"):
+    distill.check(tiny_cfg(teacher_dir, teacher_logits_file="x.safetensors"))
+  small = make_teacher(str(tmp_path / "small_vocab"), vocab=300)
+  cfg = tiny_cfg(small)
+  with pytest.raises(config_lib.ConfigError, match="does not cover the tokenizer"):
+    methods.prepare(cfg, mesh=dpo_tests.one_device_mesh())
+  # A loss mixing weight outside [0, 1] is named.
+  with pytest.raises(config_lib.ConfigError, match="distill_alpha"):
+    distill.check(tiny_cfg(teacher_dir, distill_alpha=1.5))
