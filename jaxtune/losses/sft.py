@@ -17,6 +17,8 @@ Conventions shared by the whole package:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -117,10 +119,17 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
   logits = hidden @ W (W: [D, V] kernel, `transpose=False`) or hidden @ E^T (E: [V, D]
   tied embedding table, `transpose=True`), float32 accumulation. The B*T tokens are cut
   into chunks of `chunk_size` (the last one padded with masked tokens) and reduced with
-  `lax.scan`; the per-chunk function is wrapped in `jax.checkpoint`, so the backward pass
-  recomputes each chunk's [chunk_size, V] logits instead of storing them. Peak logits
-  memory is therefore chunk_size * V floats, not B * T * V. Same value and gradients
-  as `cross_entropy_loss(hidden @ W, targets, mask)` (up to float32 summation order).
+  `lax.scan`. Peak logits memory is chunk_size * V floats, not B * T * V. Same value and
+  gradients as `cross_entropy_loss(hidden @ W, targets, mask)` (up to float32 summation
+  order; the logits gradient is cast to W's dtype before its two matmuls, as autodiff of
+  a bf16 model does).
+
+  The gradients are fused into the forward scan (a custom VJP): with d = sum(mask), the
+  loss gradient w.r.t. chunk logits z is (softmax(z) - onehot(y)) * m / d, so while a
+  chunk's logits are live the forward also forms dhidden = g @ W^T and accumulates
+  dW += h^T @ g, and the backward only scales them. That is 3 logits-sized matmuls per
+  chunk (2 when W is not differentiated, e.g. a frozen LoRA base, detected through
+  `custom_vjp(symbolic_zeros=True)`) against 4 for store-nothing rematerialisation.
 
   Args:
     hidden: [B, T, D] final (normed) hidden states, any float dtype.
@@ -145,7 +154,6 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
   vocab = embedding_or_kernel.shape[0] if transpose else embedding_or_kernel.shape[1]
-  spec = "cd,vd->cv" if transpose else "cd,dv->cv"
 
   n = targets.size
   pad = (-n) % chunk_size
@@ -158,19 +166,72 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
   y = y.reshape(n_chunks, chunk_size)  # [K, C]
   m = m.reshape(n_chunks, chunk_size)  # [K, C]
 
-  @jax.checkpoint
-  def chunk_nll(h_c, y_c, m_c, w):
-    logits = jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32)  # [C, V]
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
-    picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]  # [C]
-    return jnp.sum(jnp.where(m_c != 0, lse - picked, 0.0) * m_c)
-
-  def body(total, xs):
-    h_c, y_c, m_c = xs
-    return total + chunk_nll(h_c, y_c, m_c, embedding_or_kernel), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, m))
+  total = _nll_sum(h, embedding_or_kernel, y, m, transpose)
   tokens = jnp.sum(m)
   loss = total / jnp.maximum(tokens, 1.0)
   return loss, {"loss": loss, "tokens": tokens}
+
+
+def _chunk_logits(h_c, w, transpose):
+  """[C, D] x W -> float32 logits [C, V]."""
+  spec = "cd,vd->cv" if transpose else "cd,dv->cv"
+  return jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+
+
+def _chunk_nll(logits, y_c, m_c):
+  """Masked token NLLs [C] (0 where m == 0, whatever the logits) and the logsumexp [C]."""
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [C]
+  picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]  # [C]
+  return jnp.where(m_c != 0, lse - picked, 0.0), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _nll_sum(h, w, y, m, transpose):
+  """sum_k sum_c m * nll over chunks: h [K, C, D], w [D, V] | [V, D], y / m [K, C]."""
+  def body(total, xs):
+    h_c, y_c, m_c = xs
+    nll, _ = _chunk_nll(_chunk_logits(h_c, w, transpose), y_c, m_c)
+    return total + jnp.sum(nll * m_c), None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, m))
+  return total
+
+
+def _nll_sum_fwd(h, w, y, m, transpose):
+  need_w = w.perturbed
+  need_m = m.perturbed
+  h, w, y, m = h.value, w.value, y.value, m.value
+  wt_spec = "cv,vd->cd" if transpose else "cv,dv->cd"  # dh = g @ W^T
+  dw_spec = "cd,cv->vd" if transpose else "cd,cv->dv"  # dW = h^T @ g
+
+  def body(carry, xs):
+    total, dw = carry
+    h_c, y_c, m_c = xs
+    logits = _chunk_logits(h_c, w, transpose)  # [C, V] f32
+    nll, lse = _chunk_nll(logits, y_c, m_c)
+    weight = jnp.where(m_c != 0, m_c, 0.0)  # [C]
+    probs = jnp.exp(logits - lse[:, None])  # [C, V]
+    onehot = jnp.arange(logits.shape[-1])[None, :] == y_c[:, None]
+    g = ((probs - onehot) * weight[:, None]).astype(w.dtype)  # [C, V] dNLL/dlogits
+    dh_c = jnp.einsum(wt_spec, g, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    if need_w:
+      dw = dw + jnp.einsum(dw_spec, h_c.astype(w.dtype), g,
+                           preferred_element_type=jnp.float32)
+    return (total + jnp.sum(nll * m_c), dw), (dh_c, nll)
+
+  dw0 = jnp.zeros(w.shape, jnp.float32) if need_w else jnp.zeros((), jnp.float32)
+  (total, dw), (dh, nll) = jax.lax.scan(body, (jnp.zeros((), jnp.float32), dw0), (h, y, m))
+  res = (dh, dw.astype(w.dtype) if need_w else None, nll if need_m else None)
+  return total, res
+
+
+def _nll_sum_bwd(transpose, res, ct):
+  del transpose
+  dh, dw, nll = res
+  if isinstance(ct, jax.custom_derivatives.SymbolicZero):
+    ct = jnp.zeros((), jnp.float32)
+  scale = lambda a: None if a is None else (a * ct.astype(a.dtype))
+  return scale(dh), scale(dw), None, scale(nll)
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd, symbolic_zeros=True)

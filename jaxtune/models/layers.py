@@ -8,6 +8,7 @@ Dh head dim, F mlp width, V vocab, r LoRA rank.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,12 +18,32 @@ from jaxtune import config as config_lib
 from jaxtune import quant
 
 
+# Cheap elementwise blocks are rematerialised in the backward pass (jax.checkpoint, nothing
+# saved but the inputs): otherwise autodiff keeps their float32 / [.., F] intermediates per
+# layer (two f32 copies of a bf16 x per norm; silu(gate) and its sigmoid per MLP), close to
+# half of a bf16 layer's activation memory, to save one fused elementwise pass.
+# prevent_cse=False: they run inside the layer scan, where CSE cannot undo the remat.
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm in float32, cast back to x's dtype: x / rms(x) * scale. x [..., D], scale [D]."""
+  """RMSNorm in float32, cast back to x's dtype: x / rms(x) * scale. x [..., D], scale [D].
+
+  For low-precision x the float32 intermediates are recomputed in the backward pass
+  rather than stored (for float32 x they are x-sized anyway, and the op order stays).
+  """
+  if x.dtype == jnp.float32:
+    return _rms_norm(x, scale, eps)
+  return _rms_norm_remat(x, scale, eps)
+
+
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   x32 = x.astype(jnp.float32)
   var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
   y = x32 * jax.lax.rsqrt(var + eps)
   return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+_rms_norm_remat = jax.checkpoint(_rms_norm, static_argnums=(2,), prevent_cse=False)
 
 
 def rope_inv_freq(cfg: config_lib.ModelConfig) -> jax.Array:
@@ -94,13 +115,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
               impl: str, sliding_window: int = 0) -> jax.Array:
   """Causal GQA attention. q [B, T, H, Dh], k/v [B, T, K, Dh] -> [B, T, H, Dh].
 
-  impl 'cudnn' uses the fused cuDNN kernel (GPU, bf16/fp16, no segments); 'xla' is portable;
-  'auto' picks cuDNN where it applies. Padding is expressed as segment id 0, so padded
-  query rows attend only to padding and never produce NaNs.
+  impl 'cudnn' uses the fused cuDNN flash kernel (GPU, bf16/fp16, no segments: jax's public
+  `dot_product_attention` takes no segment ids, only per-row lengths, so packed rows would
+  need a materialised [B, T, T] bias); 'pallas' is the Pallas/Triton flash kernel of
+  `jax.experimental.pallas.ops.gpu.attention`, which masks packed segments blockwise from
+  the [B, T] ids without a [T, T] mask (GPU; runs interpreted, slowly, elsewhere; k/v are
+  repeated to H heads; no sliding window); 'xla' is portable and materialises the mask.
+  'auto' picks cuDNN where it applies, else 'xla'. Padding is expressed as segment id 0,
+  so padded query rows attend only to padding and never produce NaNs.
   """
   b, t = q.shape[:2]
+  on_gpu = jax.default_backend() == "gpu"
   if impl == "auto":
-    on_gpu = jax.default_backend() == "gpu"
     impl = "cudnn" if (on_gpu and q.dtype in (jnp.bfloat16, jnp.float16)
                        and segment_ids is None) else "xla"
   if impl == "cudnn":
@@ -109,10 +135,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
     window = (sliding_window - 1, 0) if sliding_window else None
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                         implementation="cudnn")
+  if impl == "pallas":
+    if sliding_window:
+      raise ValueError("attention='pallas' has no sliding window; use 'xla'")
+    return _pallas_attention(q, k, v, segment_ids, interpret=not on_gpu)
   mask = attention_mask(segment_ids, b, t, sliding_window)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def _pallas_attention(q, k, v, segment_ids, *, interpret: bool):
+  """Pallas flash attention, causal, segment-masked. q [B, T, H, Dh], k/v [B, T, K, Dh]."""
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # lazy: Triton
+  groups = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, groups, axis=2)  # [B, T, H, Dh]
+  v = jnp.repeat(v, groups, axis=2)
+  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  return pallas_attention.mha(q, k, v, seg, sm_scale=q.shape[-1] ** -0.5, causal=True,
+                              interpret=interpret)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
   """silu(gate) * up: the gated MLP activation of Llama-family models. [..., F]."""
   return jax.nn.silu(gate) * up

@@ -242,14 +242,26 @@ def matmul(x: jax.Array, w: Any) -> jax.Array:
   """x [..., d] @ w [d, f] -> [..., f], where w is a QArray or a plain array.
 
   The dequantisation sits inside the einsum's inputs, so under jit XLA fuses it and the
-  float kernel is a temporary of this op only. Output dtype follows jnp promotion of
-  x.dtype and w.dtype.
+  float kernel is a temporary of this op only. For a QArray the product is also
+  rematerialised in the backward pass (`jax.checkpoint`): autodiff would otherwise keep
+  the dequantised kernel as a residual for x's gradient, i.e. a full-precision copy of
+  every quantised layer for the whole backward pass, which is the memory QLoRA exists to
+  save. The backward pass dequantises again (one elementwise pass over the 4-bit codes);
+  the recomputed product itself is dead code and XLA drops it. Output dtype follows jnp
+  promotion of x.dtype and w.dtype.
   """
   if isinstance(w, qarray.QArray):
     if w.ndim != 2:
       raise ValueError(f"matmul needs a 2D kernel [d, f], got a QArray of shape "
                        f"{w.shape}; scan over the leading layer axis first")
-    w = dequantize(w)
+    if x.shape[-1] != w.shape[0]:
+      raise ValueError(f"matmul: x {x.shape} and kernel {w.shape} disagree on d")
+    return _dequant_matmul(x, w)
   if x.shape[-1] != w.shape[0]:
     raise ValueError(f"matmul: x {x.shape} and kernel {w.shape} disagree on d")
   return jnp.einsum("...d,df->...f", x, w)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _dequant_matmul(x: jax.Array, w: qarray.QArray) -> jax.Array:
+  return jnp.einsum("...d,df->...f", x, dequantize(w))
