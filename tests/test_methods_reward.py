@@ -76,10 +76,11 @@ def test_reward_model_learns_held_out_preferences_and_exports_to_hf(data_files, 
   run = job.run
   assert reward.HEAD in run.state.trainable
   head0 = np.asarray(run.state.trainable[reward.HEAD]["kernel"])
-  assert head0.shape == (run.model_cfg.hidden_size, 1)
+  assert head0.shape == (run.model_cfg.hidden_size, 1) and not head0.any()  # zero init
   state, rows = dpo_tests.run_steps(job, run.state, 30)
   after = loop.evaluate(run, state, job.data.eval, 0)
   print("reward held-out", after)
+  assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)  # all scores start at 0
   assert after["val_rewards/accuracy"] > 0.9 and after["val_rewards/margin"] > 0
   assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])
   assert not np.array_equal(np.asarray(state.trainable[reward.HEAD]["kernel"]), head0)
@@ -142,7 +143,7 @@ def test_export_parity_across_families(family, tmp_path):
   hf = hf_models.make(family, pad_token_id=0)
   hf.save_pretrained(tmp_path / "lm", safe_serialization=True)
   cfg, params = jaxtune.load_hf(str(tmp_path / "lm"))
-  head = reward.init_head(cfg, jax.random.PRNGKey(0))
+  head = reward.init_head(cfg, jax.random.PRNGKey(0), std=0.5)
   hf_reward.save(cfg, params, head, str(tmp_path / "rm"))
   rng = np.random.RandomState(0)
   tokens = rng.randint(3, cfg.vocab_size, (4, 12)).astype(np.int32)

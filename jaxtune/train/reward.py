@@ -38,11 +38,14 @@ from jaxtune.train import pairs
 HEAD = "score"
 
 
-def init_head(model_cfg: config_lib.ModelConfig, key: jax.Array) -> dict:
-  """{"kernel": [D, 1]} ~ N(0, 1/D), in the param dtype."""
-  d = model_cfg.hidden_size
-  w = jax.random.normal(key, (d, 1), jnp.float32) / d**0.5
-  return {"kernel": w.astype(decoder.DTYPES[model_cfg.param_dtype])}
+def init_head(model_cfg: config_lib.ModelConfig, key: jax.Array | None = None, *,
+              std: float = 0.0) -> dict:
+  """{"kernel": [D, 1]} in the param dtype: zeros by default (every score starts at 0, so
+  the first Bradley-Terry loss is exactly log 2), else N(0, std^2) from `key`."""
+  d, dtype = model_cfg.hidden_size, decoder.DTYPES[model_cfg.param_dtype]
+  if std == 0.0:
+    return {"kernel": jnp.zeros((d, 1), dtype)}
+  return {"kernel": (std * jax.random.normal(key, (d, 1), jnp.float32)).astype(dtype)}
 
 
 def head_axes() -> dict:
@@ -124,9 +127,9 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Met
 def extra_trainable(ctx):
   """({"score": head}, {"score": axes}): the head to train next to params / adapters.
 
-  The head is placed on ctx.mesh (replicated). Deterministic in train.seed.
+  The head (zeros) is placed on ctx.mesh, replicated.
   """
-  head = init_head(ctx.model_cfg, jax.random.PRNGKey(ctx.cfg.train.seed + 3))
+  head = init_head(ctx.model_cfg)
   head = jax.device_put(head, sharding.replicated(ctx.mesh))
   return {HEAD: head}, {HEAD: head_axes()}
 

@@ -1,0 +1,33 @@
+"""Distillation of a tiny student into a teacher's next-token distributions on the bundled
+chat sample; the teacher runs frozen inside the step (no gradient).
+
+  # 1. any HF model with the student's tokenizer is a teacher, e.g. a quick SFT run:
+  python launch/train.py --config=configs/tiny_test.py --workdir=runs/teacher \
+      --set=model.hidden_size=64 --set=train.max_steps=200
+  # 2. distil it (the argument is the teacher: an HF directory or hub id)
+  python launch/train.py --config=configs/distill.py:runs/teacher/hf --workdir=runs/distill
+
+Loss: forward KL(teacher || student) at T=1 over the assistant tokens (alpha=1: no hard
+cross-entropy); change with --set=method_cfg.distill_kind=reverse_kl|jsd,
+method_cfg.distill_temperature, method_cfg.distill_alpha (weight of the KL term vs CE),
+method_cfg.distill_top_k, method_cfg.teacher_quant=nf4 (4-bit teacher), peft.method=lora
+(LoRA student). metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds
+val_kl_to_teacher. The student is random-init here; for a real run
+--set=model.hf_path=SMALL_MODEL with a teacher of the same tokenizer.
+"""
+
+from jaxtune import config
+
+
+def get_config(arg=None):
+  return config.TrainConfig(
+      method="distill",
+      model=config.ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2,
+                               num_heads=4, num_kv_heads=2, head_dim=8),
+      optim=config.OptimConfig(lr=3e-3, warmup_steps=2, schedule="cosine"),
+      data=config.DataConfig(format="chat", seq_len=128, batch_size=8),
+      train=config.LoopConfig(max_steps=20, eval_every=10, eval_batches=0, progress=False),
+      checkpoint=config.CheckpointConfig(every_steps=10, keep=1),
+      method_cfg=config.MethodConfig(teacher_path=arg or "", distill_kind="forward_kl",
+                                     distill_temperature=1.0, distill_alpha=1.0),
+  )
