@@ -109,3 +109,16 @@ def test_sigkill_then_resume_gives_identical_losses(tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 41))
   np.testing.assert_allclose([b[s] for s in range(1, 41)], [a[s] for s in range(1, 41)],
                              rtol=0, atol=1e-6)
+
+
+def test_early_stopping_on_val_loss(tmp_path):
+  """lr=0 keeps val_loss flat: with patience 1 the run stops at the second eval (step 4)."""
+  wd = str(tmp_path / "es")
+  p = lu.run("train.py", TINY, f"--workdir={wd}", "--set=optim.lr=0",
+             "--set=train.eval_every=2", "--set=train.early_stopping_patience=1")
+  assert "early stopping at step 4" in p.stderr + p.stdout
+  assert max(lu.losses(wd)) and sorted(lu.losses(wd)) == [1, 2, 3, 4]
+  vals = [m["val_loss"] for m in lu.metrics(wd) if "val_loss" in m]
+  assert len(vals) == 2 and vals[0] == vals[1]
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "4"))
+  assert os.path.isfile(os.path.join(wd, "hf", "model.safetensors"))

@@ -28,7 +28,8 @@ from jaxtune.peft import lora
 from tests import hf_models
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CFG = config_lib.ModelConfig()  # D=64, F=176, 4 heads, 2 kv heads, Dh=16, V=512, L=2
+CFG = config_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=16)
 
 
 def _tokens(seed, b=2, t=19, v=101):
@@ -209,7 +210,7 @@ def test_adapter_made_by_peft_loads_with_same_logits(hf_dir, targets, rslora, tm
 
 
 def test_load_peft_names_what_it_refuses(tmp_path):
-  cfg = config_lib.ModelConfig(family="llama", num_layers=2)
+  cfg = dataclasses.replace(CFG, family="llama")
   params = decoder.init(cfg, jax.random.key(0))
   good = str(tmp_path / "good")
   lora.save_peft(cfg, lora.init(cfg, params, key=jax.random.key(1)), good)

@@ -139,3 +139,15 @@ def test_schedule_warmup_and_decay():
   mask = optim.decay_mask({"norm": {"scale": jnp.ones(3)}, "q": {"kernel": jnp.ones((2, 2)),
                                                                 "bias": jnp.ones(2)}})
   assert mask == {"norm": {"scale": False}, "q": {"kernel": True, "bias": False}}
+
+
+def test_optimizer_state_is_sharded_like_params():
+  cfg = config_lib.TrainConfig(model=BIG, mesh=config_lib.MeshConfig(fsdp=4, tensor=2))
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, params = setup.load_model(cfg, mesh)
+  run = setup.build(cfg, mesh, params, model_cfg)
+  big = [(jax.tree_util.keystr(p), x) for p, x in
+         jax.tree_util.tree_leaves_with_path(run.state.opt_state) if x.size >= 1_000_000]
+  assert len(big) >= 6  # Adam's mu and nu of each large weight
+  for name, x in big:
+    assert x.addressable_shards[0].data.size * 8 == x.size, (name, x.sharding.spec)

@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxtune import config as config_lib
 from jaxtune import sharding
@@ -96,8 +97,13 @@ def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.Model
 
   repl = sharding.replicated(mesh)
   rng = jax.device_put(jax.random.PRNGKey(cfg.train.seed + 1), repl)
-  state = jax.jit(init_state, in_shardings=(trainable_sh, repl))(trainable, rng)
-  state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+  # Optimizer moments shard exactly like the params they track; counts etc. are replicated.
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh,
+                                 jax.eval_shape(optimizer.init, trainable), trainable_sh,
+                                 transform_non_params=lambda _: repl)
+  state_sh = state_lib.TrainState(step=repl, trainable=trainable_sh, opt_state=opt_sh, rng=repl)
+  state = jax.jit(init_state, in_shardings=(trainable_sh, repl), out_shardings=state_sh)(
+      trainable, rng)
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.make_train_step(objective, optimizer, schedule,
