@@ -11,7 +11,12 @@ Loss: forward KL(teacher || student) at T=1 over the assistant tokens (alpha=1: 
 cross-entropy); change with --set=method_cfg.distill_kind=reverse_kl|jsd,
 method_cfg.distill_temperature, method_cfg.distill_alpha (weight of the KL term vs CE),
 method_cfg.distill_top_k, method_cfg.teacher_quant=nf4 (4-bit teacher), peft.method=lora
-(LoRA student). metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds
+(LoRA student). Without the teacher in memory: write its top-k log-probs once, then
+  python -m jaxtune.train.teacher_logits --config=configs/distill.py:runs/teacher/hf \
+      --top_k=32 --out=runs/teacher_top32.safetensors
+  python launch/train.py --config=configs/distill.py --workdir=runs/distill_file \
+      --set=method_cfg.teacher_logits_file=runs/teacher_top32.safetensors
+(same data settings for both: examples are looked up by their tokens). metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds
 val_kl_to_teacher. The student is random-init here; for a real run
 --set=model.hf_path=SMALL_MODEL with a teacher of the same tokenizer.
 """

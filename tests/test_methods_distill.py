@@ -1,5 +1,6 @@
 """method=distill: a tiny student halves its held-out KL to a (different-size) teacher; the
-teacher stays frozen, is sharded by its own axes, and may be 4-bit; LoRA students train."""
+teacher stays frozen, is sharded by its own axes, and may be 4-bit; LoRA students train; a
+precomputed top-k file gives the in-step teacher's loss on packed rows."""
 
 import dataclasses
 
@@ -16,6 +17,7 @@ from jaxtune.train import distill
 from jaxtune.train import loop
 from jaxtune.train import methods
 from jaxtune.train import setup
+from jaxtune.train import teacher_logits
 from tests import test_methods_dpo as dpo_tests
 
 TEACHER = config_lib.ModelConfig(vocab_size=512, hidden_size=48, intermediate_size=96,
@@ -104,6 +106,39 @@ def test_lora_student_with_4bit_teacher_sharded_by_its_own_axes(teacher_dir):
   r = rows[-1]
   np.testing.assert_allclose(r["loss"], 0.5 * r["distill"] + 0.5 * r["ce"], rtol=1e-5)
   assert not (r["distill"] == pytest.approx(r["kl_to_teacher"]))
+
+
+def test_precomputed_top_k_file_matches_the_in_step_teacher(teacher_dir, tmp_path):
+  k = 16
+  path = str(tmp_path / "teacher_top16.safetensors")
+  # The tool, as from the command line, with the data settings of the run below.
+  teacher_logits.main([f"--config=configs/distill.py:{teacher_dir}", f"--out={path}",
+                       f"--top_k={k}", "--set=data.seq_len=128"])
+  cfg = tiny_cfg("", teacher_logits_file=path, distill_top_k=k)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=128))
+  job = methods.prepare(cfg, mesh=dpo_tests.one_device_mesh())
+  run = job.run
+  assert set(run.frozen) == {distill.TABLE}  # no teacher weights on the devices
+  assert run.frozen[distill.TABLE]["ids"].shape[1] == k
+  # Same student, same packed eval batches: the file gives the in-step teacher's top-k loss.
+  with_teacher = tiny_cfg(teacher_dir, distill_top_k=k)
+  t_cfg = distill.teacher_config(with_teacher)
+  t_params = distill.load_teacher(with_teacher, t_cfg, run.mesh)
+  in_step = jax.jit(distill.make_objective(run.model_cfg, t_cfg, with_teacher.method_cfg,
+                                           vocab=512))
+  batches = job.data.eval + [next(job.data.train) for _ in range(2)]
+  assert max(b["segment_ids"].max() for b in batches) > 1  # packed rows
+  for batch in batches:
+    b = setup.global_batch(batch, run.batch_sharding)
+    got = dpo_tests.host(run.eval_step(run.state.trainable, run.frozen, b))
+    want_sum, (n, _) = in_step(run.state.trainable, {"teacher": t_params}, b, None)
+    assert got["teacher/missing"][0] == 0
+    np.testing.assert_allclose(got["loss"][0], float(want_sum), rtol=1e-5)
+    assert got["loss"][1] == float(n)
+  state, rows = dpo_tests.run_steps(job, run.state, 10)
+  assert all(r["teacher/missing"] == 0 for r in rows)
+  assert all(r["distill"] == pytest.approx(r["kl_to_teacher"], rel=1e-5) for r in rows)
+  assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
 
 
 def test_distill_config_errors(teacher_dir, tmp_path):

@@ -1,0 +1,203 @@
+"""Precomputed top-k teacher log-probs for method=distill (method_cfg.teacher_logits_file).
+
+When the teacher is too large to run next to the student, run it once, offline, over every
+train and eval example and keep its K most likely next tokens per position:
+
+    python -m jaxtune.train.teacher_logits --config=configs/distill.py:TEACHER_DIR \
+        --top_k=32 --out=teacher_top32.safetensors [--set=key=value ...]
+    python launch/train.py --config=configs/distill.py \
+        --set=method_cfg.teacher_logits_file=teacher_top32.safetensors
+
+File (safetensors; metadata format=jaxtune-teacher-topk-v1, top_k, vocab_size, teacher):
+
+    keys      uint32  [N, 2]  two 32-bit polynomial hashes of an example's token ids
+    offsets   int32   [N]     its first row in logprobs / ids
+    lengths   int32   [N]     its number of tokens
+    logprobs  float32 [M, K]  log-softmax of the teacher's logits (T = 1), top K, descending
+    ids       int32   [M, K]  their token ids; example n, position p is row offsets[n] + p
+
+Examples are keyed by CONTENT, not by order: the teacher's logits depend on the token ids
+only, so the file is valid whatever the packing, shuffling, mixture weights, resume point
+or process count. In the step (`lookup`), each packed segment is hashed the same way
+(position-weighted, segment_sum over the row), found by binary search on the first hash and
+checked on the second; unknown segments are masked out and counted in teacher/missing.
+The whole table is replicated on every device: it suits datasets whose M * K * 8 bytes fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from jaxtune import config as config_lib
+from jaxtune import sharding
+from jaxtune.data import encode
+from jaxtune.data import packing
+from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
+
+FORMAT = "jaxtune-teacher-topk-v1"
+_PRIMES = (1000003, 2654435761)
+_CANDIDATES = 4  # entries checked after the binary search on the first hash
+_log = logging.getLogger("jaxtune")
+
+
+def _powers(t: int) -> np.ndarray:
+  """[2, T] uint32: P^p mod 2^32 for both primes."""
+  return np.array([[pow(p, i, 2**32) for i in range(t)] for p in _PRIMES], np.uint32)
+
+
+def segment_keys(tokens, segment_ids, positions) -> jax.Array:
+  """[B, T+1, 2] uint32 keys of every (row, segment id) slot of a packed [B, T] batch.
+
+  key(example) = sum_p (id_p + 1) * P^p mod 2^32 over its positions p (two primes).
+  """
+  b, t = tokens.shape
+  pw = jnp.asarray(_powers(t))  # [2, T]
+  v = (tokens.astype(jnp.uint32) + 1)[..., None] * pw.T[positions]  # [B, T, 2]
+  v = jnp.where((segment_ids > 0)[..., None], v, 0).astype(jnp.uint32)
+  slot = (jnp.arange(b)[:, None] * (t + 1) + segment_ids).reshape(-1)  # [B*T]
+  keys = jax.ops.segment_sum(v.reshape(-1, 2), slot, num_segments=b * (t + 1))
+  return keys.astype(jnp.uint32).reshape(b, t + 1, 2)
+
+
+def lookup(table: dict, batch: dict):
+  """(logprobs [B, T, K], ids [B, T, K], found [B, T] bool) for a packed SFT batch."""
+  tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+  q = segment_keys(tokens, seg, pos)  # [B, T+1, 2]
+  k1, k2 = table["keys"][:, 0], table["keys"][:, 1]  # sorted by (k1, k2)
+  n = k1.shape[0]
+  start = jnp.searchsorted(k1, q[..., 0], side="left")  # [B, T+1]
+  cand = jnp.clip(start[..., None] + jnp.arange(_CANDIDATES), 0, n - 1)  # [B, T+1, C]
+  hit = (k1[cand] == q[..., :1]) & (k2[cand] == q[..., 1:])  # [B, T+1, C]
+  example = jnp.take_along_axis(cand, jnp.argmax(hit, -1)[..., None], -1)[..., 0]
+  slot_found = jnp.any(hit, -1)  # [B, T+1]
+  ex = jnp.take_along_axis(example, seg, axis=1)  # [B, T]
+  found = jnp.take_along_axis(slot_found, seg, axis=1) & (seg > 0)
+  found &= pos < table["lengths"][ex]
+  row = jnp.where(found, table["offsets"][ex] + pos, 0)  # [B, T]
+  return table["logprobs"][row], table["ids"][row], found
+
+
+def load(path: str, mesh, *, vocab_size: int, top_k: int = 0) -> dict:
+  """The file as a replicated device table; checks format, vocabulary and top_k."""
+  with safetensors.safe_open(path, framework="np") as f:
+    meta = f.metadata() or {}
+    arrays = {k: f.get_tensor(k) for k in ("keys", "offsets", "lengths", "logprobs", "ids")}
+  if meta.get("format") != FORMAT:
+    raise config_lib.ConfigError(f"method_cfg.teacher_logits_file: {path} is not a {FORMAT} "
+                                 f"file (metadata {meta})")
+  k = arrays["ids"].shape[1]
+  if top_k > k:
+    raise config_lib.ConfigError(f"method_cfg.distill_top_k={top_k} but {path} holds only the "
+                                 f"top {k} teacher tokens")
+  if top_k:
+    arrays["logprobs"], arrays["ids"] = arrays["logprobs"][:, :top_k], arrays["ids"][:, :top_k]
+  if arrays["ids"].size and int(arrays["ids"].max()) >= vocab_size:
+    raise config_lib.ConfigError(f"method_cfg.teacher_logits_file: token id "
+                                 f"{int(arrays['ids'].max())} >= the student's vocab_size "
+                                 f"{vocab_size}")
+  repl = sharding.replicated(mesh)
+  return {name: jax.make_array_from_callback(x.shape, repl, lambda idx, x=x: x[idx])
+          for name, x in arrays.items()}
+
+
+def _example_ids(ds) -> list[np.ndarray]:
+  """Token ids of every train example and every eval example (split from packed rows)."""
+  examples = getattr(ds.train, "_examples", None)
+  if examples is None:
+    raise NotImplementedError(f"{type(ds.train).__name__} does not expose its examples")
+  out = [np.asarray(r.seqs[0].ids, np.int32) for src in examples for r in src]
+  for batch in ds.eval:
+    for tokens, seg in zip(batch["tokens"], batch["segment_ids"]):
+      out += [tokens[seg == s] for s in np.unique(seg[seg > 0])]
+  return out
+
+
+def write(cfg: config_lib.TrainConfig, out_path: str, *, top_k: int,
+          batch_size: int = 0) -> dict:
+  """Runs the teacher (method_cfg.teacher_path) over cfg's data; writes `out_path`."""
+  from jaxtune import data as data_lib  # pylint: disable=g-import-not-at-top
+  from jaxtune.train import distill  # pylint: disable=g-import-not-at-top
+  if jax.process_count() != 1:
+    raise NotImplementedError("teacher_logits.write runs in a single process")
+  cfg = dataclasses.replace(cfg, method_cfg=dataclasses.replace(cfg.method_cfg,
+                                                                teacher_logits_file=""))
+  teacher_cfg = distill.teacher_config(cfg)
+  tok = data_lib.tokenizer_from_config(cfg)
+  vocab = distill.common_vocab(teacher_cfg, teacher_cfg, tok)
+  if not 0 < top_k <= vocab:
+    raise ValueError(f"top_k must be in [1, {vocab}], got {top_k}")
+  ds = data_lib.build(cfg.data, tok, kind="sft")
+  mesh = sharding.make_mesh(cfg.mesh)
+  params = distill.load_teacher(cfg, teacher_cfg, mesh)
+  seqs = _example_ids(ds)
+  t, bs = cfg.data.seq_len, batch_size or cfg.data.batch_size
+
+  @jax.jit
+  def run(params, batch):
+    h = decoder.hidden_states(teacher_cfg, params, batch["tokens"], positions=batch["positions"],
+                              segment_ids=batch["segment_ids"])
+    logits = decoder.logits_from_hidden(teacher_cfg, params, h)[..., :vocab]
+    lp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), top_k)
+    keys = segment_keys(batch["tokens"], batch["segment_ids"], batch["positions"])[:, 1]
+    return keys, lp, ids
+
+  batch_sh = sharding.batch_sharding(mesh)
+  put = lambda x: jax.device_put(x, jax.sharding.NamedSharding(  # noqa: E731
+      mesh, jax.sharding.PartitionSpec(batch_sh.spec[0], *([None] * (x.ndim - 1)))))
+  by_key: dict = {}
+  for b in range(0, len(seqs), bs):
+    chunk = seqs[b:b + bs]
+    rows = [[(encode.Encoded(s, np.zeros(len(s), bool)), 0)] for s in chunk]
+    rows += [[] for _ in range(bs - len(rows))]
+    host = packing.assemble(rows, t)
+    keys, lp, ids = run(params, {k: put(host[k]) for k in ("tokens", "segment_ids",
+                                                            "positions")})
+    keys, lp, ids = hf_io.to_host(keys), hf_io.to_host(lp), hf_io.to_host(ids)
+    for i, s in enumerate(chunk):
+      by_key.setdefault(tuple(int(x) for x in keys[i]), (lp[i, :len(s)], ids[i, :len(s)]))
+  order = sorted(by_key)
+  counts = np.unique([k[0] for k in order], return_counts=True)[1]
+  if counts.size and counts.max() > _CANDIDATES:
+    raise ValueError(f"{counts.max()} examples share a first hash (> {_CANDIDATES}); cannot key")
+  lengths = np.array([len(by_key[k][0]) for k in order], np.int32)
+  arrays = {"keys": np.array(order, np.uint32).reshape(-1, 2), "lengths": lengths,
+            "offsets": (np.cumsum(lengths) - lengths).astype(np.int32),
+            "logprobs": np.concatenate([by_key[k][0] for k in order]).astype(np.float32),
+            "ids": np.concatenate([by_key[k][1] for k in order]).astype(np.int32)}
+  meta = {"format": FORMAT, "top_k": str(top_k), "vocab_size": str(vocab),
+          "teacher": cfg.method_cfg.teacher_path, "data_fingerprint": ds.fingerprint}
+  safetensors.numpy.save_file(arrays, out_path, metadata=meta)
+  _log.info("teacher top-%d log-probs of %d examples (%d positions) -> %s", top_k, len(order),
+            int(lengths.sum()), out_path)
+  return {"examples": len(order), "positions": int(lengths.sum()), "path": out_path}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--config", required=True, help="configs/NAME.py[:ARG] (a distill recipe)")
+  p.add_argument("--set", action="append", default=[], help="key=value override")
+  p.add_argument("--out", required=True, help="the .safetensors file to write")
+  p.add_argument("--top_k", type=int, default=32)
+  args = p.parse_args(argv)
+  logging.basicConfig(level=logging.INFO)
+  path, _, arg = args.config.partition(":")
+  spec = importlib.util.spec_from_file_location("jaxtune_recipe", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.override(module.get_config(arg or None), args.set)
+  print(json.dumps(write(cfg, args.out, top_k=args.top_k)))
+
+
+if __name__ == "__main__":
+  main()
