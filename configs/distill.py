@@ -18,8 +18,9 @@ method_cfg.distill_top_k, method_cfg.teacher_quant=nf4 (4-bit teacher), peft.met
       --set=method_cfg.teacher_logits_file=runs/teacher_top32.safetensors
 (same data settings for both: examples are looked up by their tokens).
 
-metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds val_kl_to_teacher. The student is random-init here; for a real run
---set=model.hf_path=SMALL_MODEL with a teacher of the same tokenizer.
+metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds val_kl_to_teacher. The
+student is random-init here; for a real run --set=model.hf_path=SMALL_MODEL with a teacher
+of the same tokenizer.
 """
 
 from jaxtune import config

@@ -16,8 +16,9 @@ The reference log-probs (method_cfg.reference) come from:
                   initial model IS the base)
     precomputed   one pass over every train and eval pair before training, stored as a
                   table frozen["ref_table"] keyed by a 64-bit hash of each pair's tokens and
-                  loss mask; the step looks its rows up, so no reference forward per step
-                  and no copy of the weights (see `precompute`)
+                  loss mask (`content_keys`); the step looks its pairs up (binary search),
+                  so no reference forward per step and no copy of the weights; pairs not
+                  in the table are counted in ref/missing (see `precompute`)
 
 The objective returns sums over the valid pairs of the micro-batch, weight = their number,
 and metrics rewards/{chosen,rejected,accuracy,margin} and logps/{chosen,rejected}.
@@ -37,6 +38,7 @@ from jaxtune import sharding
 from jaxtune.data import packing
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
+from jaxtune.train import content_keys
 from jaxtune.train import objectives
 from jaxtune.train import pairs
 from jaxtune.train import setup
@@ -46,7 +48,6 @@ _log = logging.getLogger("jaxtune")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 AVERAGED = ("ipo", "simpo", "orpo")  # losses on length-averaged log-probs
-_HASH_PRIMES = (1000003, 2654435761)
 
 
 def reference_mode(cfg: config_lib.TrainConfig) -> str:
@@ -94,30 +95,18 @@ def pair_losses(method_cfg: config_lib.MethodConfig, pol_sum, pol_avg, ref_sum, 
 
 
 def pair_keys(batch: dict) -> jax.Array:
-  """[B, 2] uint32: two independent 32-bit polynomial hashes of each pair's tokens and mask.
-
-  Computed with wrapping uint32 arithmetic, so the host-side table (built by this same
-  function, jitted) and the step agree bit for bit.
-  """
+  """[B, 2] uint32 content keys of each pair's tokens and loss masks (see content_keys)."""
   tokens = batch["tokens"].astype(jnp.uint32)  # [B, 2, T]
   mask = (batch["loss_mask"] > 0).astype(jnp.uint32)
-  v = jnp.where(batch["segment_ids"] > 0, (tokens + 1) * 2 + mask, 0).astype(jnp.uint32)
-  v = v.reshape(v.shape[0], -1)  # [B, 2T]
-  n = v.shape[1]
-  keys = []
-  for p in _HASH_PRIMES:
-    pows = np.array([pow(p, i, 2**32) for i in range(n)], np.uint32)  # [2T]
-    keys.append(jnp.sum(v * jnp.asarray(pows), axis=-1, dtype=jnp.uint32))
-  return jnp.stack(keys, axis=-1)
+  v = jnp.where(batch["segment_ids"] > 0, (tokens + 1) * 2 + mask, 0)  # [B, 2, T]
+  return content_keys.row_keys(v.reshape(v.shape[0], -1))
 
 
 def lookup(table: dict, batch: dict):
   """Reference (sum [B, 2], avg [B, 2], found [B]) from a precomputed table."""
-  q = pair_keys(batch)  # [B, 2]
-  match = jnp.all(q[:, None, :] == table["keys"][None, :, :], axis=-1)  # [B, N]
-  idx = jnp.argmax(match, axis=-1)  # [B]
+  idx, found = content_keys.find(table["keys"], pair_keys(batch))  # [B]
   logps = table["logps"][idx]  # [B, 2 (chosen/rejected), 2 (sum/avg)]
-  return logps[..., 0], logps[..., 1], jnp.any(match, axis=-1)
+  return logps[..., 0], logps[..., 1], found
 
 
 def _reference_hidden(model_cfg, params, flat, constrain):
@@ -186,22 +175,12 @@ def frozen(ctx) -> dict:
   return {}
 
 
-def _examples(ctx) -> list:
-  """Every train pair (encode.Result) of the job, source by source."""
-  examples = getattr(ctx.data.train, "_examples", None)
-  if examples is None:
-    raise NotImplementedError(
-        "method_cfg.reference=precomputed needs the train loader's examples "
-        f"({type(ctx.data.train).__name__} has no _examples); use reference=frozen")
-  return [r for src in examples for r in src]
-
-
 def _global_batches(ctx):
   """This process's share of [B, 2, T] batches covering every train pair, then the eval ones."""
   loader = ctx.data.train
   bs, local = ctx.cfg.data.batch_size, loader.local_batch_size
   start = loader.process_index * local
-  rows = [(r.seqs, 0) for r in _examples(ctx)]
+  rows = [(r.seqs, 0) for r in content_keys.train_examples(loader)]
   rows += [None] * (-len(rows) % bs)
   for b in range(0, len(rows), bs):
     yield packing.assemble_pairs(rows[b + start:b + start + local], loader.seq_len, loader.pad_id)
@@ -231,8 +210,8 @@ def precompute(ctx) -> dict:
     keys.append(hf_io.to_host(k)[valid])
     logps.append(hf_io.to_host(lp)[valid])
   keys, logps = np.concatenate(keys), np.concatenate(logps).astype(np.float32)
-  keys, first = np.unique(keys, axis=0, return_index=True)  # a repeated pair is stored once
-  logps = logps[first]
+  order = content_keys.sort_table(keys)  # sorted by key; a repeated pair is stored once
+  keys, logps = keys[order], logps[order]
   _log.info("dpo: precomputed reference log-probs of %d pairs", len(keys))
   repl = sharding.replicated(ctx.mesh)
   put = lambda x: jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])  # noqa: E731

@@ -19,8 +19,8 @@ File (safetensors; metadata format=jaxtune-teacher-topk-v1, top_k, vocab_size, t
 Examples are keyed by CONTENT, not by order: the teacher's logits depend on the token ids
 only, so the file is valid whatever the packing, shuffling, mixture weights, resume point
 or process count. In the step (`lookup`), each packed segment is hashed the same way
-(position-weighted, segment_sum over the row), found by binary search on the first hash and
-checked on the second; unknown segments are masked out and counted in teacher/missing.
+(`content_keys.segment_keys`) and found by binary search (`content_keys.find`); unknown
+segments are masked out and counted in teacher/missing.
 The whole table is replicated on every device: it suits datasets whose M * K * 8 bytes fit.
 """
 
@@ -44,44 +44,18 @@ from jaxtune.data import encode
 from jaxtune.data import packing
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
+from jaxtune.train import content_keys
 
 FORMAT = "jaxtune-teacher-topk-v1"
-_PRIMES = (1000003, 2654435761)
-_CANDIDATES = 4  # entries checked after the binary search on the first hash
 _log = logging.getLogger("jaxtune")
-
-
-def _powers(t: int) -> np.ndarray:
-  """[2, T] uint32: P^p mod 2^32 for both primes."""
-  return np.array([[pow(p, i, 2**32) for i in range(t)] for p in _PRIMES], np.uint32)
-
-
-def segment_keys(tokens, segment_ids, positions) -> jax.Array:
-  """[B, T+1, 2] uint32 keys of every (row, segment id) slot of a packed [B, T] batch.
-
-  key(example) = sum_p (id_p + 1) * P^p mod 2^32 over its positions p (two primes).
-  """
-  b, t = tokens.shape
-  pw = jnp.asarray(_powers(t))  # [2, T]
-  v = (tokens.astype(jnp.uint32) + 1)[..., None] * pw.T[positions]  # [B, T, 2]
-  v = jnp.where((segment_ids > 0)[..., None], v, 0).astype(jnp.uint32)
-  slot = (jnp.arange(b)[:, None] * (t + 1) + segment_ids).reshape(-1)  # [B*T]
-  keys = jax.ops.segment_sum(v.reshape(-1, 2), slot, num_segments=b * (t + 1))
-  return keys.astype(jnp.uint32).reshape(b, t + 1, 2)
 
 
 def lookup(table: dict, batch: dict):
   """(logprobs [B, T, K], ids [B, T, K], found [B, T] bool) for a packed SFT batch."""
   tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-  q = segment_keys(tokens, seg, pos)  # [B, T+1, 2]
-  k1, k2 = table["keys"][:, 0], table["keys"][:, 1]  # sorted by (k1, k2)
-  n = k1.shape[0]
-  start = jnp.searchsorted(k1, q[..., 0], side="left")  # [B, T+1]
-  cand = jnp.clip(start[..., None] + jnp.arange(_CANDIDATES), 0, n - 1)  # [B, T+1, C]
-  hit = (k1[cand] == q[..., :1]) & (k2[cand] == q[..., 1:])  # [B, T+1, C]
-  example = jnp.take_along_axis(cand, jnp.argmax(hit, -1)[..., None], -1)[..., 0]
-  slot_found = jnp.any(hit, -1)  # [B, T+1]
-  ex = jnp.take_along_axis(example, seg, axis=1)  # [B, T]
+  example, slot_found = content_keys.find(
+      table["keys"], content_keys.segment_keys(tokens, seg, pos))  # [B, T+1] x2
+  ex = jnp.take_along_axis(example, seg, axis=1)  # [B, T]: each token's example
   found = jnp.take_along_axis(slot_found, seg, axis=1) & (seg > 0)
   found &= pos < table["lengths"][ex]
   row = jnp.where(found, table["offsets"][ex] + pos, 0)  # [B, T]
@@ -113,10 +87,7 @@ def load(path: str, mesh, *, vocab_size: int, top_k: int = 0) -> dict:
 
 def _example_ids(ds) -> list[np.ndarray]:
   """Token ids of every train example and every eval example (split from packed rows)."""
-  examples = getattr(ds.train, "_examples", None)
-  if examples is None:
-    raise NotImplementedError(f"{type(ds.train).__name__} does not expose its examples")
-  out = [np.asarray(r.seqs[0].ids, np.int32) for src in examples for r in src]
+  out = [np.asarray(r.seqs[0].ids, np.int32) for r in content_keys.train_examples(ds.train)]
   for batch in ds.eval:
     for tokens, seg in zip(batch["tokens"], batch["segment_ids"]):
       out += [tokens[seg == s] for s in np.unique(seg[seg > 0])]
@@ -149,7 +120,8 @@ def write(cfg: config_lib.TrainConfig, out_path: str, *, top_k: int,
                               segment_ids=batch["segment_ids"])
     logits = decoder.logits_from_hidden(teacher_cfg, params, h)[..., :vocab]
     lp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32)), top_k)
-    keys = segment_keys(batch["tokens"], batch["segment_ids"], batch["positions"])[:, 1]
+    keys = content_keys.segment_keys(batch["tokens"], batch["segment_ids"],
+                                     batch["positions"])[:, 1]  # [B, 2]: segment 1
     return keys, lp, ids
 
   batch_sh = sharding.batch_sharding(mesh)
@@ -166,10 +138,8 @@ def write(cfg: config_lib.TrainConfig, out_path: str, *, top_k: int,
     keys, lp, ids = hf_io.to_host(keys), hf_io.to_host(lp), hf_io.to_host(ids)
     for i, s in enumerate(chunk):
       by_key.setdefault(tuple(int(x) for x in keys[i]), (lp[i, :len(s)], ids[i, :len(s)]))
-  order = sorted(by_key)
-  counts = np.unique([k[0] for k in order], return_counts=True)[1]
-  if counts.size and counts.max() > _CANDIDATES:
-    raise ValueError(f"{counts.max()} examples share a first hash (> {_CANDIDATES}); cannot key")
+  order = sorted(by_key)  # (k1, k2) order, as content_keys.find searches it
+  content_keys.sort_table(np.array(order, np.uint32))  # checks first-hash collisions
   lengths = np.array([len(by_key[k][0]) for k in order], np.int32)
   arrays = {"keys": np.array(order, np.uint32).reshape(-1, 2), "lengths": lengths,
             "offsets": (np.cumsum(lengths) - lengths).astype(np.int32),
