@@ -47,7 +47,6 @@ _log = logging.getLogger("jaxtune")
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
-AVERAGED = ("ipo", "simpo", "orpo")  # losses on length-averaged log-probs
 
 
 def reference_mode(cfg: config_lib.TrainConfig) -> str:

@@ -159,12 +159,20 @@ def split_trainable(ctx, trainable: dict):
   return lora.merge(ctx.model_cfg, base, dataclasses.replace(ctx.adapters, params=trainable)), head
 
 
+def export_pad_id(ctx) -> int:
+  """The pad id HF will skip to find the last token: the tokenizer's (what the data was
+  padded with), else the model config's, else the data pipeline's (eos without a pad)."""
+  if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None:
+    return int(ctx.tokenizer.pad_token_id)
+  if ctx.model_cfg.pad_token_id >= 0:
+    return ctx.model_cfg.pad_token_id
+  return int(ctx.data.train.pad_id)
+
+
 def export(ctx, state, out_dir: str, meta: dict) -> str:
   """The Method hook: an HF *ForSequenceClassification directory (num_labels=1)."""
   params, head = split_trainable(ctx, state.trainable)
-  pad = ctx.model_cfg.pad_token_id
-  if pad < 0 and ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None:
-    pad = int(ctx.tokenizer.pad_token_id)
+  pad = export_pad_id(ctx)
   metadata = {"data_fingerprint": meta.get("data_fingerprint", ""), "jaxtune_method": "reward",
               "jaxtune_peft": ctx.cfg.peft.method}
   hf_reward.save(ctx.model_cfg, params, head, out_dir, tokenizer=ctx.tokenizer,
