@@ -245,6 +245,29 @@ def test_chunked_logits_give_the_same_loss_and_grads(full_job):
                                atol=1e-6 * np.abs(g).max(), err_msg=path)
 
 
+def test_objective_sums_add_over_micro_batches_and_ignore_padding_rows(full_job):
+  """Sums, not means: two halves add up to the whole (what exact grad accumulation needs),
+  and all-padding rows (the tail of the last eval batch) contribute nothing."""
+  run = full_job.run
+  ref = run.frozen["ref"]
+  obj = jax.jit(dpo.make_objective(run.model_cfg, full_job.cfg.method_cfg, "frozen"))
+  # A policy away from the reference, so every term is non-trivial.
+  policy = jax.tree_util.tree_map(lambda x: x * 1.01, ref)
+  host_batch = full_job.data.eval[0]
+  whole = obj(policy, {"ref": ref}, host_batch, None)
+  halves = [obj(policy, {"ref": ref}, {k: v[i::2] for k, v in host_batch.items()}, None)
+            for i in range(2)]
+  summed = jax.tree_util.tree_map(lambda a, b: a + b, *halves)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                         summed, whole)
+  padded = {k: np.concatenate([v[:8], np.zeros_like(v[:8])]) for k, v in host_batch.items()}
+  half = {k: v[:8] for k, v in host_batch.items()}
+  a, b = obj(policy, {"ref": ref}, padded, None), obj(policy, {"ref": ref}, half, None)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+                         a, b)
+  assert float(a[1][0]) == 8
+
+
 def test_bad_settings_are_config_errors(data_files):
   with pytest.raises(config_lib.ConfigError, match="adapters_off needs peft"):
     dpo.reference_mode(tiny_cfg(data_files, reference="adapters_off"))
