@@ -122,3 +122,17 @@ def test_early_stopping_on_val_loss(tmp_path):
   assert len(vals) == 2 and vals[0] == vals[1]
   assert os.path.isdir(os.path.join(wd, "checkpoints", "4"))
   assert os.path.isfile(os.path.join(wd, "hf", "model.safetensors"))
+
+
+def test_lora_reward_model_run_and_convert_agree(tmp_path):
+  """LoRA + trainable score head via the launcher; convert --merge_lora = the run's export."""
+  wd = str(tmp_path / "rm")
+  lu.run("train.py", "--config=configs/reward.py:lora", f"--workdir={wd}",
+         "--set=train.max_steps=2", "--set=train.eval_every=2", "--set=train.progress=false")
+  lu.run("convert.py", f"--from_checkpoint={wd}", f"--to_hf={tmp_path}/out", "--merge_lora")
+  a = safetensors.numpy.load_file(os.path.join(wd, "hf", "model.safetensors"))
+  b = safetensors.numpy.load_file(os.path.join(tmp_path, "out", "model.safetensors"))
+  assert "score.weight" in a and sorted(a) == sorted(b)
+  assert np.abs(a["score.weight"]).max() > 0  # the head was trained (it starts at zero)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -88,6 +88,11 @@ class Loader:
 
   # -- position -------------------------------------------------------------------------
 
+  @property
+  def examples(self) -> list:
+    """Every train example, source by source (read-only: to precompute per-example values)."""
+    return self._examples
+
   def state(self) -> dict:
     """The position as a JSON-serialisable dict (store it in the checkpoint)."""
     return {"version": STATE_VERSION, "epoch": self._epoch, "index": self._index,

@@ -81,9 +81,7 @@ def sort_table(keys: np.ndarray) -> np.ndarray:
 
 def train_examples(loader) -> list:
   """Every train example (encode.Result) of a data Loader, source by source."""
-  examples = getattr(loader, "examples", None)  # public accessor, when the Loader has one
-  if examples is None:
-    examples = getattr(loader, "_examples", None)
+  examples = getattr(loader, "examples", None)
   if examples is None:
     raise NotImplementedError(f"precomputing per-example values needs the train examples; "
                               f"{type(loader).__name__} does not expose them")

@@ -49,11 +49,15 @@ class Method:
   objective(ctx) -> objective fn (see objectives.py); ctx is a `Context`.
   frozen(ctx) -> dict of extra frozen trees (reference model, teacher) or {}.
   export(ctx, state, out_dir, meta) -> out_dir, or None for the default model export.
+  extra_trainable(ctx) -> ({name: tree}, {name: logical-axes tree}): method-owned leaves
+    trained next to the params (full FT) or the adapter tree (LoRA), e.g. the reward
+    head {"score": {"kernel": [D, 1]}}, already placed on ctx.mesh; or None.
   """
   data_kind: str
   objective: Callable
   frozen: Callable = lambda ctx: {}
   export: Callable | None = None
+  extra_trainable: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -140,6 +144,14 @@ def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
     adapter_axes = lora.axes(model_cfg, adapters).params
   ctx = Context(cfg=cfg, model_cfg=model_cfg, mesh=mesh, params=params, adapters=adapters,
                 tokenizer=tokenizer, data=data)
+  if method.extra_trainable is not None:
+    extra, extra_axes = method.extra_trainable(ctx)
+    if adapters is None:
+      params = {**params, **extra}
+    else:
+      adapters = dataclasses.replace(adapters, params={**adapters.params, **extra})
+      adapter_axes = {**adapter_axes, **extra_axes}
+    ctx = dataclasses.replace(ctx, params=params, adapters=adapters)
   run = setup.build(cfg, mesh, params, model_cfg, objective=method.objective(ctx),
                     adapters=adapters, adapter_axes=adapter_axes, extra_frozen=method.frozen(ctx))
 
