@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxtune import losses
+from tests.numerics import fd_grad
 
 LN3 = math.log(3.0)
 
@@ -47,14 +48,6 @@ def np_distill(student, teacher, mask, kind="forward_kl", temperature=1.0, beta=
   return (per * mask).sum() / max(mask.sum(), 1.0)
 
 
-def fd_grad(f, x, h=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[i] += h
-    xm[i] -= h
-    g[i] = (f(xp) - f(xm)) / (2 * h)
-  return g
 
 
 def random_logits(seed, b=2, t=3, v=5):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from jaxtune import losses
+from tests.numerics import fd_grad
+from tests.numerics import f32
 
 LN3 = math.log(3.0)
 
@@ -48,19 +50,8 @@ def np_orpo(c, r, nll, beta):
   return nll - beta * np_logsig(log_odds).mean()
 
 
-def fd_grad(f, x, h=1e-6):
-  """Central finite differences of a float64 scalar function."""
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[i] += h
-    xm[i] -= h
-    g[i] = (f(xp) - f(xm)) / (2 * h)
-  return g
 
 
-def f32(*xs):
-  return [jnp.asarray(x, jnp.float32) for x in xs]
 
 
 # ----------------------------------------------------------------------------- dpo by hand

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from jaxtune import losses
+from tests.numerics import fd_grad
+from tests.numerics import f32
 
 # ----------------------------------------------------------------------------- numpy refs
 
@@ -36,18 +38,8 @@ def np_grpo(logps, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.04, es
   return per.sum() / (logps.shape[0] * (max_tokens or logps.shape[1]))
 
 
-def fd_grad(f, x, h=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    xp, xm = x.copy(), x.copy()
-    xp[i] += h
-    xm[i] -= h
-    g[i] = (f(xp) - f(xm)) / (2 * h)
-  return g
 
 
-def f32(*xs):
-  return [None if x is None else jnp.asarray(x, jnp.float32) for x in xs]
 
 
 # ----------------------------------------------------------------------------- advantages
