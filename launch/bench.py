@@ -62,13 +62,15 @@ flags.DEFINE_enum("peer_ckpt", "auto", ["auto", "on", "off"],
                   "Gradient checkpointing for the peer; auto = PEER_CKPT by shape.")
 flags.DEFINE_string("jax_variants", "", "Extra jaxtune runs, ';'-separated NAME:k=v,k=v with "
                     "ModelConfig keys (remat, logits_chunk, attention, scan_layers), lib=DIR "
-                    "(import jaxtune from DIR), noflags=1 (skip set_xla_flags), xla=+F+F (add "
-                    "XLA flags). Empty: one run with TUNED.")
+                    "(import jaxtune from DIR), noflags=1 (skip set_xla_flags), and last xla=+F+F "
+                    "(add XLA flags). Empty: one run with TUNED.")
 flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU, 1 warmup + 2 timed steps.")
 flags.DEFINE_bool("isolate", True, "One subprocess per (workload, framework).")
 flags.DEFINE_integer("run_timeout", 900, "Seconds before an isolated run is killed.")
 flags.DEFINE_string("out", "", "Write all results as JSON here (rewritten after each run).")
 flags.DEFINE_string("log_file", "", "Append every worker's output here.")
+flags.DEFINE_string("profile_dir", "", "jaxtune: trace 2 more steps with jax.profiler, put the "
+                    "top GPU kernels in the results and the optimised HLO text in this folder.")
 flags.DEFINE_string("worker", "", "Internal: JSON spec of one run.")
 
 _LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
@@ -89,12 +91,12 @@ SHAPES = {
 }
 # jaxtune model options per (shape, method), chosen by measurement (docs/BENCHMARKS.md).
 TUNED = {
-    ("1b", "full"): dict(remat="none", logits_chunk=4096),
-    ("1b", "lora"): dict(remat="none", logits_chunk=4096),
-    ("1b", "qlora"): dict(remat="none", logits_chunk=4096),
+    ("1b", "full"): dict(remat="none", logits_chunk=4096, scan_layers=False),
+    ("1b", "lora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
+    ("1b", "qlora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
     ("8b", "lora"): dict(remat="full", logits_chunk=4096),
     ("8b", "qlora"): dict(remat="full", logits_chunk=4096),
-    ("tiny", "full"): dict(remat="none", logits_chunk=24),
+    ("tiny", "full"): dict(remat="none", logits_chunk=24, scan_layers=False),
     ("tiny", "lora"): dict(remat="full", logits_chunk=0),
     ("tiny", "qlora"): dict(remat="none", logits_chunk=24),
 }
@@ -161,11 +163,11 @@ def _jax_worker(spec: dict) -> dict:
   if spec.get("lib"):
     sys.path.insert(0, os.path.join(ROOT, spec["lib"]))
   from launch import common
-  if not spec.get("noflags"):
-    common.set_xla_flags()
-  if spec.get("xla"):
+  if spec.get("xla"):  # before set_xla_flags, which leaves flags already set alone
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
                                " ".join(f for f in spec["xla"].split("+") if f)).strip()
+  if not spec.get("noflags"):
+    common.set_xla_flags()
   import jax
   from jaxtune import config as config_lib
   from jaxtune import quant
@@ -215,11 +217,47 @@ def _jax_worker(spec: dict) -> dict:
   jax.block_until_ready((state, metrics))
   out["step_s"] = (time.perf_counter() - t0) / spec["steps"]
   out["losses"] = [float(x) for x in jax.device_get(losses)]
+  if spec.get("profile_dir"):
+    out["profile"] = _profile(spec, run, state, batch)
   stats = jax.local_devices()[0].memory_stats() or {}
   out["peak_bytes"] = stats.get("peak_bytes_in_use")
   out["device"] = jax.local_devices()[0].device_kind
   out["versions"] = {"jax": jax.__version__}
   return out
+
+
+def _profile(spec: dict, run, state, batch, steps: int = 2) -> dict:
+  """GPU time per step by kernel (top 30) and by trace line, from a jax.profiler trace."""
+  import collections
+  import glob
+  import gzip
+  import jax
+  tag = f"{spec['workload']}_{spec['seq']}_{spec['variant']}"
+  os.makedirs(spec["profile_dir"], exist_ok=True)
+  with open(os.path.join(spec["profile_dir"], f"hlo_{tag}.txt"), "w") as f:
+    f.write(run.train_step.lower(state, run.frozen, batch).compile().as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = run.train_step(state, run.frozen, batch)
+      jax.block_until_ready((state, metrics))
+    path = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  lines, kernels = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
+      continue
+    line = threads.get((e["pid"], e.get("tid")), "?")
+    lines[line] += e.get("dur", 0) / 1e3 / steps
+    if line.startswith("Stream"):
+      kernels[e["name"][:90]] += e.get("dur", 0) / 1e3 / steps
+  return {"ms_per_step_by_line": dict(lines.most_common(12)),
+          "top_kernels_ms_per_step": kernels.most_common(30)}
 
 
 def _torch_worker(spec: dict) -> dict:
@@ -357,7 +395,10 @@ def _specs() -> list[dict]:
     variants = []
     for item in FLAGS.jax_variants.split(";"):
       name, _, body = item.strip().partition(":")
+      body, _, xla = body.partition("xla=")  # xla= comes last: its flags may hold , and =
       kv = dict(p.split("=", 1) for p in body.split(",") if p.strip())
+      if xla:
+        kv["xla"] = xla
       variants.append((name, kv))
   seqs = [32] if FLAGS.smoke and FLAGS.seq_lens == ["2048"] else [int(s) for s in FLAGS.seq_lens]
   batch = 2 if FLAGS.smoke and FLAGS.batch == 4 else FLAGS.batch
@@ -383,7 +424,8 @@ def _specs() -> list[dict]:
               extra[k] = v
             else:
               model[k] = int(v) if v.isdigit() else {"true": True, "false": False}.get(v, v)
-          specs.append(dict(base, framework="jaxtune", variant=name, model=model, **extra))
+          specs.append(dict(base, framework="jaxtune", variant=name, model=model,
+                            profile_dir=FLAGS.profile_dir, **extra))
   return specs
 
 

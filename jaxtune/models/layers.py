@@ -121,14 +121,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   `jax.experimental.pallas.ops.gpu.attention`, which masks packed segments blockwise from
   the [B, T] ids without a [T, T] mask (GPU; runs interpreted, slowly, elsewhere; k/v are
   repeated to H heads; no sliding window); 'xla' is portable and materialises the mask.
-  'auto' picks cuDNN where it applies, else 'xla'. Padding is expressed as segment id 0,
+  'auto' on GPU in bf16/fp16 picks cuDNN without segments and Pallas with them (T a
+  multiple of 128, no window; on an H200, B=4 T=2048 H=32 Dh=64: fwd+bwd 2.2 ms against
+  7.5 ms for 'xla', cuDNN without segments 0.8 ms), else 'xla'. Padding is segment id 0,
   so padded query rows attend only to padding and never produce NaNs.
   """
   b, t = q.shape[:2]
   on_gpu = jax.default_backend() == "gpu"
   if impl == "auto":
-    impl = "cudnn" if (on_gpu and q.dtype in (jnp.bfloat16, jnp.float16)
-                       and segment_ids is None) else "xla"
+    impl = "xla"
+    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16):
+      if segment_ids is None:
+        impl = "cudnn"
+      elif not sliding_window and t % 128 == 0:
+        impl = "pallas"
   if impl == "cudnn":
     if segment_ids is not None:
       raise ValueError("attention='cudnn' does not take packed segment ids; use 'auto' or 'xla'")
