@@ -50,7 +50,7 @@ def set_xla_flags() -> None:
   """GPU performance flags (before jax initialises its backends); user flags win.
 
   Measured on one H200 (docs/BENCHMARKS.md), 1B shapes: with the layers scanned, turning
-  Triton GEMMs off (--xla_gpu_enable_triton_gemm=false) cost 7% (full FT) to 14% (LoRA),
+  Triton GEMMs off (--xla_gpu_enable_triton_gemm=false) cost 7% (full FT) to 13% (LoRA),
   so XLA's default is kept (autotuning makes compiles ~30 s longer); with unrolled layers
   neither that flag, command buffers nor the scheduler changed the speed. The latency
   hiding scheduler is for meshes of several devices: it overlaps collectives with compute.

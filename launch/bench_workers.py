@@ -1,0 +1,297 @@
+"""The two sides of launch/bench.py: one timed run of jaxtune or of the PyTorch peer.
+
+`run_worker(spec)` builds the model of `spec` (shape, method, seq, batch, precision, the
+jaxtune model options), runs warmup + timed steps and returns a dict of raw measurements
+(step time, losses, peak device memory, versions); bench.py turns those into the table.
+Kept apart from the command line so that tests can import both halves without absl flags.
+Heavy imports (jax, torch) happen inside the functions: a torch worker never loads jax's GPU
+backend and a jax worker never imports torch.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+SHAPES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+               num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope=dict(_LLAMA3_ROPE, factor=32.0)),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+               num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
+               rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+               rope=dict(_LLAMA3_ROPE, factor=8.0)),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
+                 rope=dict(_LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=1024)),
+}
+LORA = dict(rank=16, alpha=32.0)
+
+
+def shape_cfg(shape: str, spec: dict):
+  """jaxtune ModelConfig for a shape + the run's compute options."""
+  from jaxtune import config as config_lib
+  s = dict(SHAPES[shape])
+  rope = config_lib.RopeScaling(**s.pop("rope"))
+  opts = dict(spec["model"])
+  return config_lib.ModelConfig(
+      family="llama", rope_scaling=rope, dtype="bfloat16",
+      param_dtype="bfloat16" if spec["precision"] == "bf16" else "float32", **s, **opts)
+
+
+def make_batch(spec: dict, vocab: int):
+  import numpy as np
+  rng = np.random.default_rng(0)
+  b, t = spec["batch"], spec["seq"]
+  seq = rng.integers(0, vocab, (b, t + 1)).astype(np.int32)
+  return {"tokens": seq[:, :-1], "targets": seq[:, 1:],
+          "loss_mask": np.ones((b, t), np.float32)}
+
+
+def _lean_init(model_cfg, key, *, quantize: bool):
+  """Random params like decoder.init, built one layer at a time so that setup's transient
+  memory stays far below training's (jax cannot reset its peak counter); projections come
+  out as NF4 QArrays directly when `quantize`, so no dense copy of the base ever exists."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  from jaxtune import quant
+  from jaxtune import tree
+  from jaxtune.models import decoder
+  from jaxtune.peft import qlora
+  dtype = decoder.DTYPES[model_cfg.param_dtype]
+  flat = {}
+  for i, (path, shape) in enumerate(sorted(decoder.shapes(model_cfg).items())):
+    k = jax.random.fold_in(key, i)
+    if path.endswith(("scale", "bias")):
+      flat[path] = jnp.ones(shape, dtype) if path.endswith("scale") else jnp.zeros(shape, dtype)
+      continue
+    std = 0.02 if path.endswith("embedding") else shape[-2] ** -0.5
+    q = quantize and re.fullmatch(qlora.PROJECTIONS, path) is not None
+
+    def one(k, shape=shape, std=std, q=q):
+      w = (std * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
+      return quant.quantize_array(w, "nf4", 64) if q else w
+
+    if path.startswith("layers/"):
+      keys = jax.random.split(k, shape[0])
+      flat[path] = jax.jit(lambda ks, one=one, s=shape[1:]: jax.lax.map(
+          lambda kk: one(kk, s), ks))(keys)
+    else:
+      flat[path] = jax.jit(one)(k)
+  return tree.unflatten(flat)
+
+
+def _jax_worker(spec: dict) -> dict:
+  if spec.get("lib"):
+    sys.path.insert(0, os.path.join(ROOT, spec["lib"]))
+  from launch import common
+  if spec.get("xla"):  # before set_xla_flags, which leaves flags already set alone
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " +
+                               " ".join(f for f in spec["xla"].split("+") if f)).strip()
+  if not spec.get("noflags"):
+    common.set_xla_flags()
+  import jax
+  from jaxtune import config as config_lib
+  from jaxtune import quant
+  from jaxtune import sharding
+  from jaxtune.peft import lora
+  from jaxtune.train import setup
+  model_cfg = shape_cfg(spec["shape"], spec)
+  method = spec["method"]
+  cfg = config_lib.TrainConfig(
+      model=model_cfg,
+      peft=config_lib.PeftConfig(method="none" if method == "full" else method,
+                                 rank=LORA["rank"], alpha=LORA["alpha"]),
+      optim=config_lib.OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0,
+                                   weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0),
+      train=config_lib.LoopConfig(max_steps=10_000))
+  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])  # one-device benchmark
+  params = _lean_init(model_cfg, jax.random.PRNGKey(0), quantize=method == "qlora")
+  out = {}
+  adapters = adapter_axes = None
+  if method != "full":
+    adapters = lora.init_from_config(model_cfg, params, cfg.peft, key=jax.random.PRNGKey(2))
+    adapter_axes = lora.axes(model_cfg, adapters).params
+  if method == "qlora":
+    qbytes, qparams = quant.num_bytes(params)
+    total = sum(x.nbytes for x in jax.tree.leaves(params))
+    out["base_bytes_per_param"] = {"projections": qbytes / qparams,
+                                   "whole_base": total / model_cfg.num_params()}
+  run = setup.build(cfg, mesh, params, model_cfg, adapters=adapters, adapter_axes=adapter_axes)
+  del params
+  batch = setup.global_batch(make_batch(spec, model_cfg.vocab_size), run.batch_sharding)
+  if jax.default_backend() == "gpu":
+    text = run.train_step.lower(run.state, run.frozen, batch).as_text()
+    out["cudnn_attention_calls"] = text.count("__cudnn$fmha")
+  state, losses = run.state, []
+  t0 = time.perf_counter()
+  for i in range(spec["warmup"]):
+    state, metrics = run.train_step(state, run.frozen, batch)
+    if i == 0:
+      jax.block_until_ready(metrics)
+      out["first_step_s"] = time.perf_counter() - t0
+    losses.append(metrics["loss"])
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for _ in range(spec["steps"]):
+    state, metrics = run.train_step(state, run.frozen, batch)
+    losses.append(metrics["loss"])
+  jax.block_until_ready((state, metrics))
+  out["step_s"] = (time.perf_counter() - t0) / spec["steps"]
+  out["losses"] = [float(x) for x in jax.device_get(losses)]
+  if spec.get("profile_dir"):
+    out["profile"] = _profile(spec, run, state, batch)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  out["peak_bytes"] = stats.get("peak_bytes_in_use")
+  out["device"] = jax.local_devices()[0].device_kind
+  out["versions"] = {"jax": jax.__version__}
+  return out
+
+
+def _profile(spec: dict, run, state, batch, steps: int = 2) -> dict:
+  """GPU time per step by kernel (top 30) and by trace line, from a jax.profiler trace."""
+  import collections
+  import glob
+  import gzip
+  import jax
+  tag = f"{spec['workload']}_{spec['seq']}_{spec['variant']}"
+  os.makedirs(spec["profile_dir"], exist_ok=True)
+  with open(os.path.join(spec["profile_dir"], f"hlo_{tag}.txt"), "w") as f:
+    f.write(run.train_step.lower(state, run.frozen, batch).compile().as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = run.train_step(state, run.frozen, batch)
+      jax.block_until_ready((state, metrics))
+    path = glob.glob(os.path.join(tmp, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+    events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  procs = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  lines, kernels = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
+      continue
+    line = threads.get((e["pid"], e.get("tid")), "?")
+    lines[line] += e.get("dur", 0) / 1e3 / steps
+    if line.startswith("Stream"):
+      kernels[e["name"][:90]] += e.get("dur", 0) / 1e3 / steps
+  return {"ms_per_step_by_line": dict(lines.most_common(12)),
+          "top_kernels_ms_per_step": kernels.most_common(30)}
+
+
+def _torch_worker(spec: dict) -> dict:
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # jaxtune.hf.config imports jax: keep it off
+  import torch
+  import transformers
+  import peft
+  from jaxtune.hf import config as hf_config
+  dev = "cuda" if torch.cuda.is_available() and not spec["smoke"] else "cpu"
+  method = spec["method"]
+  versions = {"torch": torch.__version__, "transformers": transformers.__version__,
+              "peft": peft.__version__}
+  if method == "qlora":
+    try:
+      import bitsandbytes as bnb
+      versions["bitsandbytes"] = bnb.__version__
+    except Exception as e:  # noqa: BLE001 (ImportError, or a CUDA library that fails to load)
+      return {"status": "unavailable", "error": f"bitsandbytes: {type(e).__name__}: {e}"[:300],
+              "versions": versions}
+  model_cfg = shape_cfg(spec["shape"], spec)
+  dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+  hf = transformers.LlamaConfig(**{k: v for k, v in hf_config.to_hf(model_cfg).items()
+                                   if k not in ("torch_dtype", "dtype", "architectures")})
+  hf.use_cache = False
+  torch.manual_seed(0)
+  with torch.device(dev):
+    model = transformers.LlamaForCausalLM._from_config(hf, attn_implementation="sdpa",
+                                                       dtype=dtype)
+  if method == "qlora":
+    for layer in model.model.layers:
+      for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                            (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for name in names:
+          old = getattr(parent, name)
+          new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=False,
+                                  compute_dtype=torch.bfloat16, compress_statistics=False,
+                                  quant_type="nf4", device="meta")
+          new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, blocksize=64,
+                                         compress_statistics=False, quant_type="nf4").to(dev)
+          setattr(parent, name, new)
+          del old
+  ckpt = spec["peer_ckpt"]
+  if ckpt:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  if method != "full":
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, bias="none",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"], task_type="CAUSAL_LM"))
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                          fused=dev == "cuda")
+  batch = make_batch(spec, model_cfg.vocab_size)
+  tokens = torch.as_tensor(batch["tokens"], dtype=torch.long, device=dev)
+  model.train()
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+  def step():
+    with torch.autocast(device_type=dev, dtype=torch.bfloat16):
+      loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=dev == "cuda")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+  if dev == "cuda":
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+  out, losses = {"config_extra": f"ckpt={'on' if ckpt else 'off'}"}, []
+  t0 = time.perf_counter()
+  for i in range(spec["warmup"]):
+    losses.append(step())
+    if i == 0:
+      sync()
+      out["first_step_s"] = time.perf_counter() - t0
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(spec["steps"]):
+    losses.append(step())
+  sync()
+  out["step_s"] = (time.perf_counter() - t0) / spec["steps"]
+  out["losses"] = [float(x) for x in losses]
+  out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+  out["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+  out["versions"] = versions
+  return out
+
+
+def _is_oom(e: BaseException) -> bool:
+  text = f"{type(e).__name__} {e}"
+  return any(s in text for s in ("RESOURCE_EXHAUSTED", "OutOfMemory", "out of memory",
+                                 "Out of memory"))
+
+
+def run_worker(spec: dict) -> dict:
+  """Runs one (workload, framework) in this process; never raises."""
+  t0 = time.perf_counter()
+  try:
+    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker
+    res = {"status": "ok", **fn(spec)}
+  except Exception as e:  # noqa: BLE001 (a row of the table says what failed)
+    res = {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {e}"[:600]}
+    traceback.print_exc()
+  res["wall_s"] = time.perf_counter() - t0
+  return {**{k: v for k, v in spec.items() if k != "result_file"}, **res}

@@ -1,0 +1,143 @@
+"""Tests for launch/bench.py: the CPU smoke run, the FLOP formulas, the table and the goals.
+
+The benchmark's numbers come from a GPU (docs/BENCHMARKS.md); what CI can check is that the
+harness runs both sides on the same tiny model and prints the table it promises, that the
+FLOP counts behind TFLOP/s and MFU are the formulas of train/flops.py evaluated right, and
+that ratios and goal verdicts follow from the measurements. No timing is asserted.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from jaxtune.train import flops
+from launch import bench
+from launch import bench_workers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = ["workload", "seq", "framework", "config", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
+          "vs peer"]
+
+
+def _cfg(shape):
+  return bench_workers.shape_cfg(shape, {"model": {}, "precision": "bf16"})
+
+
+def test_flops_match_hand_computed_values():
+  """Hand-computed (N = layer kernels + output projection; attention 6 * L * T * H * Dh):
+
+  Llama-3.2-1B shape, T = 2048: per layer 2048*2048*2 (q, o) + 2048*512*2 (k, v)
+  + 3*2048*8192 (mlp) = 8,388,608 + 2,097,152 + 50,331,648 = 60,817,408; times 16 layers =
+  973,078,528; + 2048*128256 = 262,668,288 (tied output projection) -> N = 1,235,746,816.
+  Attention 6*16*2048*32*64 = 402,653,184. Full FT 6N + attn = 7,817,134,080; LoRA
+  4N + attn = 5,345,640,448.
+  Llama-3.1-8B shape, T = 4096: per layer 4096*4096*2 + 4096*1024*2 + 3*4096*14336 =
+  33,554,432 + 8,388,608 + 176,160,768 = 218,103,808; times 32 = 6,979,321,856; + 4096*128256
+  = 525,336,576 -> N = 7,504,658,432. Attention 6*32*4096*32*128 = 3,221,225,472; LoRA
+  4N + attn = 33,239,859,200.
+  Tiny smoke shape, T = 32: per layer 64*64*2 + 64*32*2 + 3*64*128 = 36,864; times 2 =
+  73,728; + 64*256 = 16,384 -> N = 90,112; attention 6*2*32*4*16 = 24,576; full 565,248.
+  """
+  one_b, eight_b, tiny = _cfg("1b"), _cfg("8b"), _cfg("tiny")
+  assert flops.matmul_params(one_b) == 1_235_746_816
+  assert flops.attention_flops_per_token(one_b, 2048) == 402_653_184
+  assert flops.train_flops_per_token(one_b, 2048, peft=False) == 7_817_134_080
+  assert flops.train_flops_per_token(one_b, 2048, peft=True) == 5_345_640_448
+  assert flops.matmul_params(eight_b) == 7_504_658_432
+  assert flops.attention_flops_per_token(eight_b, 4096) == 3_221_225_472
+  assert flops.train_flops_per_token(eight_b, 4096, peft=True) == 33_239_859_200
+  assert flops.matmul_params(tiny) == 90_112
+  assert flops.train_flops_per_token(tiny, 32, peft=False) == 565_248
+  # The non-embedding count differs from the model's own param count only by the norms and
+  # the input embedding (tied: the table is counted once, as the output projection).
+  assert one_b.num_params() - flops.matmul_params(one_b) == 16 * 2 * 2048 + 2048
+  assert flops.peak_flops(types.SimpleNamespace(device_kind="NVIDIA H200")) == 989e12
+  assert flops.peak_flops(types.SimpleNamespace(device_kind="cpu")) is None
+
+
+def _result(workload, framework, tokens_per_s, *, seq=2048, variant=None, mfu=None, peak=None,
+            status="ok", **extra):
+  shape, method = workload.split("_")
+  r = dict(workload=workload, shape=shape, method=method, seq=seq, batch=4, framework=framework,
+           precision="bf16", variant=variant or ("peer" if framework == "torch" else "tuned"),
+           status=status, peer_ckpt=False, model={"remat": "none", "logits_chunk": 4096})
+  if status == "ok":
+    r.update(tokens_per_s=tokens_per_s, tflops=1.0, mfu=mfu, peak_bytes=peak, **extra)
+  return r
+
+
+def test_table_ratios_and_goal_verdicts():
+  gib = 2 ** 30
+  results = [
+      _result("1b_full", "torch", 100.0, mfu=0.4, peak=30 * gib),
+      _result("1b_full", "jaxtune", 131.0, mfu=0.51, peak=20 * gib),
+      _result("1b_lora", "torch", 100.0),
+      _result("1b_lora", "jaxtune", 190.0),
+      _result("1b_qlora", "torch", 0, status="unavailable"),
+      _result("1b_qlora", "jaxtune", 171.0,
+              base_bytes_per_param={"projections": 0.53125, "whole_base": 0.84}),
+      _result("8b_lora", "torch", 0, seq=4096, status="oom"),
+      _result("8b_lora", "jaxtune", 10.0, seq=4096, peak=24 * gib),
+      _result("8b_qlora", "torch", 5.0, seq=4096, peak=30 * gib),
+      _result("8b_qlora", "jaxtune", 9.0, seq=4096, peak=31 * gib),
+  ]
+  lines = bench.table(results).splitlines()
+  assert [c.strip() for c in lines[0].split("|")] == HEADER
+  rows = [[c.strip() for c in line.split("|")] for line in lines[2:]]
+  assert len(rows) == len(results)
+  by_key = {(r[0], r[2]): r for r in rows}
+  assert by_key[("1b full FT", "jaxtune")][-1] == "1.31x"
+  assert by_key[("1b full FT", "jaxtune")][6] == "51.0%"
+  assert by_key[("1b full FT", "torch")][7] == "30.0"
+  assert by_key[("1b LoRA r16", "jaxtune")][-1] == "1.90x"
+  assert by_key[("1b QLoRA nf4", "torch")][3].startswith("unavailable")
+  assert by_key[("1b QLoRA nf4", "jaxtune")][-1] == ""  # no peer to compare with
+  verdicts = "\n".join(bench.goals(results))
+  assert ("1B full FT seq 2048: 1.31x peer, MFU 51.0% (goal >= 1.3x and >= 50%): MET"
+          in verdicts)
+  assert "1B LoRA seq 2048: 1.90x peer (goal >= 2x): not met" in verdicts
+  assert "1B QLoRA seq 2048: 0.90x own LoRA (goal >= 0.85x): MET" in verdicts
+  assert "projections 0.5312" in verdicts
+  assert "8B LoRA r16 seq 4096: fits (peer: oom)" in verdicts
+  assert "8B QLoRA nf4 seq 4096: fits, peak 31.0 GiB vs peer 30.0 GiB: not met" in verdicts
+
+
+@pytest.mark.slow
+def test_smoke_run_prints_the_table_for_both_frameworks(tmp_path):
+  """--smoke runs full FT, LoRA and QLoRA of the tiny shape through jaxtune's jitted train
+  step and through transformers + peft, and prints one row per (workload, framework)."""
+  out = tmp_path / "bench.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--smoke",
+                         "--noisolate", f"--out={out}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  head = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+  assert [c.strip() for c in lines[head].split("|")] == HEADER
+  rows = [[c.strip() for c in line.split("|")] for line in lines[head + 2:head + 8]]
+  assert {(r[0], r[2]) for r in rows} == {(f"tiny {m}", fw) for m in bench.METHOD_NAMES.values()
+                                          for fw in ("torch", "jaxtune")}
+  for r in rows:
+    if r[2] == "jaxtune":
+      assert float(r[4].replace(",", "")) > 0, r
+      assert "attn=auto" in r[3] and "bf16" in r[3], r
+
+  results = json.loads(out.read_text())["results"]
+  assert len(results) == 6
+  for r in results:
+    if r["framework"] == "jaxtune":
+      assert r["status"] == "ok", r
+    if r["status"] == "ok":
+      # Same tiny vocabulary (256) on both sides: a random model starts near ln(256).
+      assert abs(r["losses"][0] - math.log(256)) < 0.25, r
+      assert len(r["losses"]) == 3 and all(math.isfinite(x) for x in r["losses"])
+      assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
+    else:  # no bitsandbytes (QLoRA peer) or no torch here: a row that says so
+      assert r["framework"] == "torch" and r["status"] in ("unavailable", "error"), r
+  qlora = next(r for r in results if r["framework"] == "jaxtune" and r["method"] == "qlora")
+  assert qlora["base_bytes_per_param"]["projections"] == 0.53125  # 4 bits + bf16 scale per 64
