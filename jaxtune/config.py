@@ -67,7 +67,7 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params (and master weights)
   remat: str = "none"  # none | full | dots | dots_no_batch | offload
-  attention: str = "auto"  # auto | xla | cudnn
+  attention: str = "auto"  # auto | xla | cudnn | pallas (GPU flash kernel, packed segments)
   scan_layers: bool = True
   logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens
 
@@ -269,7 +269,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch", "offload"),
-    "model.attention": ("auto", "xla", "cudnn"),
+    "model.attention": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.kind": ("none", "llama3", "linear"),
     "peft.method": ("none", "lora", "qlora"),
     "peft.quant_method": ("nf4", "int4"),

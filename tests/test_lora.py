@@ -111,8 +111,10 @@ def test_targets_regex_selects_and_names_the_regex(base):
   ad = lora.init_from_config(CFG, base, pc, key=jax.random.key(0))
   assert (ad.rank, ad.alpha, ad.scale, ad.targets) == (4, 32.0, 16.0, pc.targets)
   assert sorted(ad.params["layers"]) == ["mlp"]
-  with pytest.raises(NotImplementedError, match=r"peft.dropout=0.1"):
-    lora.init_from_config(CFG, base, dataclasses.replace(pc, dropout=0.1), key=jax.random.key(0))
+  assert lora.init_from_config(CFG, base, dataclasses.replace(pc, dropout=0.1),
+                               key=jax.random.key(0)).dropout == 0.1
+  with pytest.raises(ValueError, match=r"peft.dropout=1.0: expected 0 <= dropout < 1"):
+    lora.init_from_config(CFG, base, dataclasses.replace(pc, dropout=1.0), key=jax.random.key(0))
 
 
 def test_merged_equals_unmerged_and_axes(base):

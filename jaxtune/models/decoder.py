@@ -115,8 +115,15 @@ def _remat(fn, policy: str, *, scanned: bool = True):
   return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
 
 
-def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq, constrain):
+def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq, constrain,
+           lora_dropout=0.0, dropout_key=None):
   """One decoder layer. x [B, T, D] -> [B, T, D]."""
+
+  def lin(inp, p, name, ad, index):
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+    return layers.linear(inp, p["kernel"], bias=p.get("bias"), lora=ad.get(name),
+                         lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_key=key)
+
   dt = x.dtype
   attn_p = layer["self_attn"]
   attn_l = (lora or {}).get("self_attn", {})
@@ -124,9 +131,7 @@ def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq,
   h = layers.rms_norm(x, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
 
   def proj(name, inp):
-    p = attn_p[name]
-    return layers.linear(inp, p["kernel"], bias=p.get("bias"), lora=attn_l.get(name),
-                         lora_scale=lora_scale)
+    return lin(inp, attn_p[name], name, attn_l, _ATTN.index(name))
 
   q = proj("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = proj("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -148,7 +153,7 @@ def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq,
   h = layers.rms_norm(x, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
 
   def mproj(name, inp):
-    return layers.linear(inp, mlp_p[name]["kernel"], lora=mlp_l.get(name), lora_scale=lora_scale)
+    return lin(inp, mlp_p[name], name, mlp_l, len(_ATTN) + _MLP.index(name))
 
   g = layers.swiglu(mproj("gate_proj", h), mproj("up_proj", h))
   g = constrain(g, ("batch", "seq", "act_mlp"))
@@ -158,11 +163,13 @@ def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq,
 
 def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  lora: dict | None = None, lora_scale: float = 1.0, constrain=None) -> jax.Array:
+                  lora: dict | None = None, lora_scale: float = 1.0, constrain=None,
+                  lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
   """Final-normed hidden states [B, T, D] (compute dtype) for tokens [B, T] int32.
 
   positions [B, T] default to 0..T-1; segment_ids [B, T] (0 = padding) make attention
   block-diagonal for packed rows. `constrain(x, logical_axes)` adds sharding constraints.
+  `lora_dropout` with a `dropout_rng` applies dropout to every adapter's input (training).
   """
   constrain = constrain or (lambda x, _: x)
   dt = DTYPES[cfg.dtype]
@@ -173,19 +180,22 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   x = constrain(x, ("batch", "seq", "act_embed"))
   inv_freq = layers.rope_inv_freq(cfg)
   lora_layers = (lora or {}).get("layers")
+  use_dropout = lora_layers is not None and lora_dropout > 0 and dropout_rng is not None
+  keys = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
 
   def body(carry, xs):
-    layer, layer_lora = xs
+    layer, layer_lora, key = xs
     y = _block(cfg, carry, layer, layer_lora, lora_scale=lora_scale, positions=positions,
-               segment_ids=segment_ids, inv_freq=inv_freq, constrain=constrain)
+               segment_ids=segment_ids, inv_freq=inv_freq, constrain=constrain,
+               lora_dropout=lora_dropout, dropout_key=key)
     return y, None
 
   body = _remat(body, cfg.remat, scanned=cfg.scan_layers)
   if cfg.scan_layers:
-    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers))
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers, keys))
   else:
     for i in range(cfg.num_layers):
-      sl = jax.tree_util.tree_map(lambda a, i=i: a[i], (params["layers"], lora_layers))
+      sl = jax.tree_util.tree_map(lambda a, i=i: a[i], (params["layers"], lora_layers, keys))
       x, _ = body(x, sl)
   return layers.rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
 

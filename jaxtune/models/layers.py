@@ -78,11 +78,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def linear(x: jax.Array, w, *, bias: jax.Array | None = None, lora=None,
-           lora_scale: float = 1.0) -> jax.Array:
-  """x [..., Din] @ w [Din, Dout] (+ bias) (+ lora_scale * x @ A @ B).
+           lora_scale: float = 1.0, lora_dropout: float = 0.0,
+           dropout_key: jax.Array | None = None) -> jax.Array:
+  """x [..., Din] @ w [Din, Dout] (+ bias) (+ lora_scale * dropout(x) @ A @ B).
 
   `w` is a dense array or a `quant.QArray` (dequantised inside the matmul so XLA fuses it).
-  `lora` is None or a dict {"a": [Din, r], "b": [r, Dout]}.
+  `lora` is None or a dict {"a": [Din, r], "b": [r, Dout]}. With `lora_dropout` > 0 and a
+  `dropout_key`, the adapter's input (only) goes through inverted dropout, as in PEFT.
   """
   if isinstance(w, quant.QArray):
     y = quant.matmul(x, w)
@@ -93,7 +95,12 @@ def linear(x: jax.Array, w, *, bias: jax.Array | None = None, lora=None,
   if lora is not None:
     a = lora["a"].astype(x.dtype)
     b = lora["b"].astype(x.dtype)
-    y = y + (lora_scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", x, a), b))
+    xl = x
+    if lora_dropout > 0 and dropout_key is not None:
+      keep = 1.0 - lora_dropout
+      xl = jnp.where(jax.random.bernoulli(dropout_key, keep, x.shape), x / keep,
+                     jnp.zeros((), x.dtype))
+    y = y + (lora_scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", xl, a), b))
   return y
 
 

@@ -45,7 +45,7 @@ class Adapters:
   params: {"layers": {parent: {proj: {"a": [L, in, r], "b": [L, r, out]}}}}.
   scale: alpha / rank, or alpha / sqrt(rank) with rsLoRA (Kalajdzievski 2023).
   targets: the regex over base param paths that selected the kernels.
-  dropout: recorded for PEFT export only; the forward does not apply LoRA dropout yet.
+  dropout: rate of the dropout on adapter inputs in training steps (exported to PEFT too).
   """
   params: Any
   scale: float = _static()

@@ -19,11 +19,13 @@ differentiated, hold optimizer state and are checkpointed:
 Reference model / KL base with adapters off (DPO, GRPO): the same base params with
 `lora=None`; `reference_logits` says so in code, so no second copy of the weights exists.
 The base kernels may be `quant.QArray` leaves (QLoRA, see `qlora.py`); shapes are read from
-the quantized leaf. LoRA dropout (`PeftConfig.dropout`) is not applied by the forward yet.
+the quantized leaf. LoRA dropout (`PeftConfig.dropout`, static on `Adapters`) is applied to
+the adapters' inputs in SFT training steps (`decoder.hidden_states(..., dropout_rng=)`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from typing import Any
@@ -107,12 +109,11 @@ def init(cfg: config_lib.ModelConfig, params: dict, *, rank: int = 8, alpha: flo
 def init_from_config(cfg: config_lib.ModelConfig, params: dict, peft_cfg: config_lib.PeftConfig,
                      *, key: jax.Array, dtype: Any = jnp.float32) -> Adapters:
   """`init` with rank, alpha, rslora and targets from a `PeftConfig` (method lora|qlora)."""
-  if peft_cfg.dropout:
-    raise NotImplementedError(
-        f"peft.dropout={peft_cfg.dropout}: LoRA dropout is not supported by the forward yet; "
-        "set peft.dropout=0")
-  return init(cfg, params, rank=peft_cfg.rank, alpha=peft_cfg.alpha, targets=peft_cfg.targets,
-              rslora=peft_cfg.rslora, key=key, dtype=dtype)
+  adapters = init(cfg, params, rank=peft_cfg.rank, alpha=peft_cfg.alpha,
+                  targets=peft_cfg.targets, rslora=peft_cfg.rslora, key=key, dtype=dtype)
+  if not 0.0 <= peft_cfg.dropout < 1.0:
+    raise ValueError(f"peft.dropout={peft_cfg.dropout}: expected 0 <= dropout < 1")
+  return dataclasses.replace(adapters, dropout=float(peft_cfg.dropout))
 
 
 def axes(cfg_or_axes, adapters: Adapters) -> Adapters:

@@ -74,7 +74,8 @@ class Context:
 def _sft_objective(ctx: Context):
   return objectives.sft(ctx.model_cfg, lora_scale=None if ctx.adapters is None
                         else ctx.adapters.scale, constrain=sharding.constrainer(ctx.mesh),
-                        num_sources=len(ctx.data.source_names))
+                        num_sources=len(ctx.data.source_names),
+                        lora_dropout=0.0 if ctx.adapters is None else ctx.adapters.dropout)
 
 
 METHODS: dict[str, Method] = {"sft": Method(data_kind="sft", objective=_sft_objective)}
@@ -132,6 +133,9 @@ def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
     raise config_lib.ConfigError(f"bad value for method: {cfg.method!r} (available: "
                                  f"{', '.join(sorted(METHODS))})")
   method = METHODS[cfg.method]
+  if cfg.peft.dropout and (cfg.method != "sft" or cfg.peft.method == "none"):
+    raise config_lib.ConfigError(f"bad value for peft.dropout: {cfg.peft.dropout} (LoRA dropout "
+                                 "applies to method=sft with peft.method=lora|qlora only)")
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   tokenizer = data_lib.tokenizer_from_config(cfg)
   data = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,

@@ -33,22 +33,28 @@ def model_params(trainable, frozen, lora_scale: float | None):
   return frozen["base"], (trainable, lora_scale)
 
 
-def forward_hidden(model_cfg, trainable, frozen, batch, lora_scale, constrain):
+def forward_hidden(model_cfg, trainable, frozen, batch, lora_scale, constrain, *,
+                   lora_dropout: float = 0.0, rng=None):
   params, lora = model_params(trainable, frozen, lora_scale)
   lora_tree, scale = lora if lora else (None, 1.0)
   h = decoder.hidden_states(model_cfg, params, batch["tokens"], positions=batch.get("positions"),
                             segment_ids=batch.get("segment_ids"), lora=lora_tree,
-                            lora_scale=scale, constrain=constrain)
+                            lora_scale=scale, constrain=constrain, lora_dropout=lora_dropout,
+                            dropout_rng=rng)
   return params, h
 
 
 def sft(model_cfg: config_lib.ModelConfig, *, lora_scale: float | None = None,
-        constrain=None, num_sources: int = 0) -> Objective:
-  """Next-token cross-entropy over the loss mask (token-weighted mean over the batch)."""
+        constrain=None, num_sources: int = 0, lora_dropout: float = 0.0) -> Objective:
+  """Next-token cross-entropy over the loss mask (token-weighted mean over the batch).
+
+  `lora_dropout` > 0 drops adapter inputs in training steps; the eval step passes rng=None,
+  so evaluation runs without dropout.
+  """
 
   def objective(trainable, frozen, batch, rng):
-    del rng
-    params, h = forward_hidden(model_cfg, trainable, frozen, batch, lora_scale, constrain)
+    params, h = forward_hidden(model_cfg, trainable, frozen, batch, lora_scale, constrain,
+                               lora_dropout=lora_dropout, rng=rng)
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     tokens = jnp.sum(mask)
     metrics = {}

@@ -68,10 +68,13 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(objective: Callable):
-  """eval_step(trainable, frozen, batch) -> {name: (sum, count)} to add over batches."""
+  """eval_step(trainable, frozen, batch) -> {name: (sum, count)} to add over batches.
+
+  The objective gets rng=None: evaluation is deterministic (no dropout).
+  """
 
   def eval_step(trainable, frozen, batch):
-    loss_sum, (weight, metrics) = objective(trainable, frozen, batch, jax.random.PRNGKey(0))
+    loss_sum, (weight, metrics) = objective(trainable, frozen, batch, None)  # no rng: no dropout
     metrics = dict(metrics)
     metrics["loss"] = (loss_sum, weight)
     return metrics
