@@ -79,7 +79,7 @@ def evaluate(run: setup.Run, state, batches: list, limit: int) -> dict:
 
 
 class _Stop:
-  """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit cleanly."""
+  """Set by SIGTERM: finish the step, checkpoint, exit cleanly."""
 
   def __init__(self):
     self.requested = False
