@@ -9,6 +9,7 @@ imported params, so every reader (`checkpoint.read`, `checkpoint_to_hf`, a run s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
 
@@ -29,7 +30,13 @@ def is_checkpoint(path: str) -> bool:
 def hf_to_checkpoint(src: str, out: str) -> str:
   """Imports an HF model (dir or hub id) into a jaxtune checkpoint directory `out`."""
   model_dir = hf_io.resolve(src)
-  model_cfg, params = hf_io.load_hf(model_dir)
+  with open(os.path.join(model_dir, "config.json")) as f:
+    hf_cfg = json.load(f)
+  src_dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
+  src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else "float32"
+  # Host arrays in the source dtype: nothing is put on a device, whatever the model size.
+  model_cfg, params = hf_io.load_hf(model_dir, jnp.dtype(src_dtype), place=lambda _, x: x)
+  model_cfg = dataclasses.replace(model_cfg, param_dtype=src_dtype)
   model_cfg = dataclasses.replace(model_cfg, hf_path="")
   cfg = config_lib.TrainConfig(model=model_cfg)
   if any(f.startswith("tokenizer") for f in os.listdir(model_dir)):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtune import config as config_lib
 from jaxtune import convert
@@ -98,6 +99,8 @@ def load_weights(cfg: config_lib.TrainConfig, mesh, tokenizer):
   if cfg.model.hf_path and convert.is_checkpoint(cfg.model.hf_path):
     model_cfg, params = convert.load_params(cfg.model.hf_path)
     model_cfg = _compute_opts(model_cfg, cfg.model)
+    dtype = decoder.DTYPES[model_cfg.param_dtype]
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), params)
     params = jax.device_put(params, sharding.tree_shardings(mesh, decoder.axes(model_cfg), params))
     if cfg.peft.method == "qlora":
       params = qlora.quantize_params(params, method=cfg.peft.quant_method,

@@ -102,8 +102,10 @@ def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.Model
                                  jax.eval_shape(optimizer.init, trainable), trainable_sh,
                                  transform_non_params=lambda _: repl)
   state_sh = state_lib.TrainState(step=repl, trainable=trainable_sh, opt_state=opt_sh, rng=repl)
-  state = jax.jit(init_state, in_shardings=(trainable_sh, repl), out_shardings=state_sh)(
-      trainable, rng)
+  # Donated: the state takes over the trainable buffers instead of holding a second copy
+  # (full fine-tuning would otherwise keep the initial params alive next to the trained ones).
+  state = jax.jit(init_state, in_shardings=(trainable_sh, repl), out_shardings=state_sh,
+                  donate_argnums=(0,))(trainable, rng)
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = step_lib.make_train_step(objective, optimizer, schedule,

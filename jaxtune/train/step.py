@@ -27,6 +27,10 @@ def _micro_batches(batch: dict, accum: int) -> dict:
   return jax.tree_util.tree_map(split, batch)
 
 
+def _acc_dtype(dtype):
+  return jnp.float32 if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def _reduce(metrics: dict) -> dict:
   return {k: s / jnp.maximum(n, 1e-9) for k, (s, n) in metrics.items()}
 
@@ -44,17 +48,19 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
       micro = _micro_batches(batch, grad_accum)
       first = jax.tree_util.tree_map(lambda x: x[0], micro)
       shapes = jax.eval_shape(grad_fn, state.trainable, frozen, first, step_rng)
-      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      # Sums over micro-batches accumulate in float32 whatever the param dtype.
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, _acc_dtype(s.dtype)), shapes)
 
       def body(acc, xs):
         mb, key = xs
         out = grad_fn(state.trainable, frozen, mb, key)
-        return jax.tree_util.tree_map(jnp.add, acc, out), None
+        return jax.tree_util.tree_map(lambda a, o: a + o.astype(a.dtype), acc, out), None
 
       keys = jax.random.split(step_rng, grad_accum)
       ((loss_sum, (weight, metrics)), grads), _ = jax.lax.scan(body, zeros, (micro, keys))
     denom = jnp.maximum(weight, 1e-9)
-    grads = jax.tree_util.tree_map(lambda g: g / denom.astype(g.dtype), grads)
+    grads = jax.tree_util.tree_map(lambda g, p: (g / denom.astype(g.dtype)).astype(p.dtype),
+                                   grads, state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     out = _reduce(metrics)
