@@ -11,14 +11,13 @@ import torch
 import transformers
 
 import jaxtune
-from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import tree
 from jaxtune.hf import reward as hf_reward
 from jaxtune.peft import lora
 from jaxtune.train import loop
 from jaxtune.train import methods
-from jaxtune.train import preference
+from jaxtune.train import preference  # noqa: F401  (registers the reward method)
 from jaxtune.train import reward
 from jaxtune.train import setup
 from tests import hf_models
@@ -105,9 +104,6 @@ def _ctx(job):
 
 def test_lora_reward_trains_adapters_and_head_and_exports(data_files, tmp_path):
   cfg = tiny_cfg(data_files, peft="lora")
-  if not preference._HAS_EXTRA_TRAINABLE:  # pylint: disable=protected-access
-    with pytest.raises(config_lib.ConfigError, match="extra_trainable"):
-      methods.prepare(cfg, mesh=dpo_tests.one_device_mesh())
   # What methods.prepare does with the hook: the head joins the adapter tree.
   mesh = dpo_tests.one_device_mesh()
   tok = data_lib.tokenizer_from_config(cfg)

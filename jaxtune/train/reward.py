@@ -134,21 +134,6 @@ def extra_trainable(ctx):
   return {HEAD: head}, {HEAD: head_axes()}
 
 
-def attach_head_in_place(ctx) -> None:
-  """Adds the head to ctx.params in place (full FT), for a `methods.prepare` without the
-  `extra_trainable` hook: prepare hands this very dict to `setup.build` as the trainable
-  tree. With LoRA the adapter axes are fixed before any method hook runs, so that needs
-  the hook."""
-  if HEAD in ctx.params:
-    return
-  if ctx.adapters is not None:
-    raise config_lib.ConfigError(
-        "method=reward with peft.method=lora|qlora needs methods.Method.extra_trainable (the "
-        "hook that adds the trainable reward head next to the adapters); this jaxtune's "
-        "methods.prepare lacks it: use peft.method=none")
-  ctx.params[HEAD] = extra_trainable(ctx)[0][HEAD]
-
-
 def split_trainable(ctx, trainable: dict):
   """(merged dense params without the head, head) from a trained state's trainable tree."""
   trainable = dict(trainable)
