@@ -18,6 +18,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune import config as config_lib
+from jaxtune import quant
+from jaxtune import tree
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -112,3 +114,23 @@ def constrainer(mesh: Mesh | None):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh)))
 
   return constrain
+
+
+def placer(mesh: Mesh, axes_tree):
+  """place(path, host_leaf) -> the leaf as global arrays sharded per its logical axes.
+
+  For `hf.io.load_hf(..., place=)`: each param goes straight to its shards (multi-host
+  safe: every process builds only its addressable shards). A `quant.QArray` leaf places
+  each child with the kernel's axes (`quant.axes_for`).
+  """
+  flat_axes = tree.flatten(axes_tree)
+
+  def place(path: str, x):
+    ax = flat_axes[path]
+    if isinstance(x, quant.QArray):
+      ax = quant.axes_for(x, ax)
+    return jax.tree_util.tree_map(
+        lambda a, sh: jax.make_array_from_callback(a.shape, sh, lambda idx: np.asarray(a)[idx]),
+        x, tree_shardings(mesh, ax, x))
+
+  return place

@@ -31,10 +31,6 @@ def path_str(keypath) -> str:
   return "/".join(parts)
 
 
-def is_leaf_dict(x) -> bool:
-  return not isinstance(x, dict)
-
-
 def flatten(tree: dict) -> dict[str, Any]:
   """{'a/b': leaf} for every non-dict node of a nested dict (QArray leaves stay whole)."""
   out = {}

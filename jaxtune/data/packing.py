@@ -33,8 +33,6 @@ import numpy as np
 
 from jaxtune.data import encode
 
-SFT_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "source_ids")
-
 
 def plan(lengths: Sequence[int], seq_len: int, *, pack: bool = True,
          window: int = 16) -> list[list[int]]:

@@ -18,15 +18,9 @@ import hashlib
 import json
 from typing import Any, Iterable
 
-_CHUNK = 1 << 20
-
-
 def file_digest(path: str) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(_CHUNK), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def records_digest(records: Iterable[Any]) -> str:

@@ -31,9 +31,6 @@ class Tally:
     self.sources.append(_source_entry(name, fmt))
     return len(self.sources) - 1
 
-  def set_format(self, source: int, fmt: str) -> None:
-    self.sources[source]["format"] = fmt
-
   def record(self, source: int) -> None:
     self.sources[source]["records"] += 1
 

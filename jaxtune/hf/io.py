@@ -27,7 +27,7 @@ from jaxtune.hf import keys
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def resolve(path_or_id: str) -> str:
@@ -52,7 +52,7 @@ def read_config(model_dir: str, base: config_lib.ModelConfig | None = None):
     return hf_config.from_hf(json.load(f), base, source=path)
 
 
-class _Tensors:
+class Tensors:
   """Lazy access to the tensors of one or many safetensors files in a directory."""
 
   def __init__(self, model_dir: str):
@@ -93,7 +93,7 @@ def load_hf(path_or_id: str, dtype=jnp.float32, *,
   """
   model_dir = resolve(path_or_id)
   cfg = read_config(model_dir, base)
-  tensors = _Tensors(model_dir)
+  tensors = Tensors(model_dir)
   keys.check_keys(cfg, tensors.shapes, model_dir)
   np_dtype = np.dtype(jnp.dtype(dtype))
   place = place or (lambda _, x: jnp.asarray(x))
@@ -156,7 +156,7 @@ def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=N
     if not isinstance(x, (jax.Array, np.ndarray)):
       raise ValueError(f"save_hf: param {path} is a {type(x).__name__}; dequantise or merge "
                        "it to a dense array first")
-    flat[path] = to_host(x).astype(_NP_DTYPES[dtype])
+    flat[path] = to_host(x).astype(NP_DTYPES[dtype])
   if jax.process_index() != 0:
     return out_dir
   os.makedirs(out_dir, exist_ok=True)

@@ -20,9 +20,7 @@ import json
 import os
 
 import jax
-import ml_dtypes
 import numpy as np
-import safetensors
 
 from jaxtune import config as config_lib
 from jaxtune import tree
@@ -32,7 +30,6 @@ from jaxtune.hf import keys
 
 SCORE_KEY = "score.weight"
 LM_HEAD_KEY = "lm_head.weight"
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 def architecture(family: str) -> str:
@@ -69,7 +66,7 @@ def save(cfg: config_lib.ModelConfig, params: dict, head: dict, out_dir: str, *,
     pad_token_id = cfg.pad_token_id
     if pad_token_id < 0 and tokenizer is not None and tokenizer.pad_token_id is not None:
       pad_token_id = int(tokenizer.pad_token_id)
-  np_dtype = _NP_DTYPES[dtype]
+  np_dtype = hf_io.NP_DTYPES[dtype]
   flat = {}
   for path, x in tree.flatten(params).items():
     if path.startswith("score/"):
@@ -99,19 +96,6 @@ def save(cfg: config_lib.ModelConfig, params: dict, head: dict, out_dir: str, *,
   return out_dir
 
 
-def _tensors(model_dir: str) -> dict:
-  """{key: (file, shape)} over the directory's safetensors files."""
-  files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-  if not files:
-    raise ValueError(f"{model_dir}: no *.safetensors weights")
-  out = {}
-  for name in files:
-    with safetensors.safe_open(os.path.join(model_dir, name), framework="np") as h:
-      for k in h.keys():
-        out[k] = (name, tuple(h.get_slice(k).get_shape()))
-  return out
-
-
 def load(model_dir: str, base: config_lib.ModelConfig | None = None):
   """(ModelConfig, params, head) from an HF *ForSequenceClassification dir (num_labels=1).
 
@@ -128,25 +112,15 @@ def load(model_dir: str, base: config_lib.ModelConfig | None = None):
                      f"num_labels=1, got architectures={archs}, num_labels={labels}")
   cfg = hf_config.from_hf(d, base, source=os.path.join(model_dir, "config.json"))
   tied = dataclasses.replace(cfg, tie_word_embeddings=True)  # no lm_head row
-  present = _tensors(model_dir)
-  expected = dict(keys.hf_shapes(tied))
-  expected[SCORE_KEY] = (1, cfg.hidden_size)
-  extra = sorted(k for k in present if k not in expected
-                 and not k.endswith(keys.IGNORED_SUFFIXES) and k != LM_HEAD_KEY)
-  missing = sorted(k for k in expected if k not in present)
-  bad = sorted(k for k in expected if k in present and present[k][1] != tuple(expected[k]))
-  if extra or missing or bad:
-    raise ValueError(f"{model_dir}: unknown tensors {extra[:8]}, missing {missing[:8]}, "
-                     f"mis-shaped {[(k, present[k][1], expected[k]) for k in bad[:8]]}")
-  handles = {}
+  tensors = hf_io.Tensors(model_dir)
+  shape = tensors.shapes.get(SCORE_KEY)
+  if shape != (1, cfg.hidden_size):
+    raise ValueError(f"{model_dir}: tensor {SCORE_KEY} has shape {shape}, expected "
+                     f"{[1, cfg.hidden_size]}")
+  keys.check_keys(tied, {k: v for k, v in tensors.shapes.items() if k != SCORE_KEY}, model_dir)
+  get = tensors.get
 
-  def get(k):
-    name = present[k][0]
-    if name not in handles:
-      handles[name] = safetensors.safe_open(os.path.join(model_dir, name), framework="np")
-    return handles[name].get_tensor(k)
-
-  np_dtype = _NP_DTYPES[cfg.param_dtype]
+  np_dtype = hf_io.NP_DTYPES[cfg.param_dtype]
   flat = {p: x.astype(np_dtype) for p, x in keys.to_params(tied, get)}
   params = jax.tree_util.tree_map(np.asarray, tree.unflatten(flat))
   head = {"kernel": np.ascontiguousarray(get(SCORE_KEY).T.astype(np_dtype))}  # [D, 1]

@@ -143,18 +143,7 @@ def axes(cfg_or_axes, adapters: Adapters) -> Adapters:
                        f"{tuple(ab['a'].shape)}")
     flat[module + "/a"] = (*ax[:-2], ax[-2], "rank")
     flat[module + "/b"] = (*ax[:-2], "rank", ax[-1])
-  return Adapters(params=tree.unflatten(flat), scale=adapters.scale, rank=adapters.rank,
-                  alpha=adapters.alpha, rslora=adapters.rslora, targets=adapters.targets,
-                  dropout=adapters.dropout)
-
-
-def delta(adapters: Adapters, module: str) -> jax.Array:
-  """scale * A @ B in float32 for one module path ("layers/self_attn/q_proj"): [L, in, out]."""
-  ab = adapters_lib.modules(adapters.params)[module]
-  a = jnp.asarray(ab["a"], jnp.float32)  # [L, in, r]
-  b = jnp.asarray(ab["b"], jnp.float32)  # [L, r, out]
-  return adapters.scale * jnp.einsum("...ir,...ro->...io", a, b,
-                                     precision=jax.lax.Precision.HIGHEST)
+  return dataclasses.replace(adapters, params=tree.unflatten(flat))
 
 
 def merge(cfg: config_lib.ModelConfig, params: dict, adapters: Adapters) -> dict:

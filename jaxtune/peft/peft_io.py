@@ -28,7 +28,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -44,7 +43,6 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
-_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 # adapter_config.json fields read here, and fields that never change the forward.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "target_modules",
@@ -78,14 +76,15 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, out_
   All processes must call it (gathering sharded adapters is collective); process 0 writes.
   """
   templates = module_templates(cfg)
+  shapes = decoder.shapes(cfg)
   tensors: dict[str, np.ndarray] = {}
   names = set()
   for module, ab in sorted(adapters_lib.modules(adapters.params).items()):
     a = io.to_host(ab["a"])  # [L, in, r]
     b = io.to_host(ab["b"])  # [L, r, out]
     if dtype is not None:
-      a, b = a.astype(_NP_DTYPES[dtype]), b.astype(_NP_DTYPES[dtype])
-    want = decoder.shapes(cfg)[module + "/kernel"]
+      a, b = a.astype(io.NP_DTYPES[dtype]), b.astype(io.NP_DTYPES[dtype])
+    want = shapes[module + "/kernel"]
     r = adapters.rank
     if a.shape != (*want[:-1], r) or b.shape != (*want[:-2], r, want[-1]):
       raise ValueError(f"save_peft: {module} has a {a.shape}, b {b.shape}; expected "
@@ -176,8 +175,9 @@ def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
   rank, alpha, rslora = int(pc["r"]), float(pc["lora_alpha"]), bool(pc.get("use_rslora"))
 
   shapes = decoder.shapes(cfg)
+  templates = module_templates(cfg)
   patterns = {}
-  for module, template in module_templates(cfg).items():
+  for module, template in templates.items():
     rx = re.escape(PREFIX + template).replace(re.escape("{i}"), r"(\d+)")
     patterns[module] = re.compile(rx + r"\.lora_([AB])\.weight")
   handle = safetensors.safe_open(wpath, framework="np")
@@ -202,7 +202,7 @@ def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
   flat = {}
   for module, names in sorted(found.items()):
     *_, n_in, n_out = shapes[module + "/kernel"]
-    stem = PREFIX + module_templates(cfg)[module]
+    stem = PREFIX + templates[module]
     want = {"A": (rank, n_in), "B": (n_out, rank)}
     missing = [f"{stem.format(i=i)}.lora_{ab}.weight (expected {list(want[ab])})"
                for i in range(cfg.num_layers) for ab in "AB" if (i, ab) not in names]

@@ -35,7 +35,6 @@ import numpy as np
 from jaxtune import config as config_lib
 from jaxtune import quant
 from jaxtune import sharding
-from jaxtune import tree
 from jaxtune.hf import io
 from jaxtune.models import decoder
 
@@ -87,18 +86,9 @@ def quantizing_place(*, method: str = "nf4", group_size: int = 64, double_quant:
 
 
 def mesh_place(mesh: jax.sharding.Mesh, cfg: config_lib.ModelConfig):
-  """A `place(path, leaf)` that puts each (possibly QArray) param on `mesh` with the
-  NamedSharding of its logical axes (`decoder.axes`; QArray children via `quant.axes_for`).
-  """
-  flat_axes = tree.flatten(decoder.axes(cfg))
-
-  def put(path: str, x: Any):
-    ax = flat_axes[path]
-    if isinstance(x, quant.QArray):
-      ax = quant.axes_for(x, ax)
-    return jax.device_put(x, sharding.tree_shardings(mesh, ax, x))
-
-  return put
+  """A `place(path, leaf)` that puts each (possibly QArray) param on `mesh` per its logical
+  axes (`decoder.axes`): `sharding.placer`."""
+  return sharding.placer(mesh, decoder.axes(cfg))
 
 
 def load_quantized(path_or_id: str, *, method: str = "nf4", group_size: int = 64,

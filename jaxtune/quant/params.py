@@ -27,27 +27,12 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxtune import tree
 from jaxtune.quant import nf4
 from jaxtune.quant import qarray
 
 Predicate = str | Callable[[str, Any], bool] | None
-
-
-def path_str(path: tuple[Any, ...]) -> str:
-  """A jax key path as an "a/b/c" string (dict keys, sequence indices, attribute names)."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(k.name)
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def _is_float_array(x: Any) -> bool:
@@ -76,7 +61,7 @@ def quantize(params: Any, *, method: str = "nf4", group_size: int = 64,
   def one(path, x):
     if isinstance(x, qarray.QArray):
       return x
-    p = path_str(path)
+    p = tree.path_str(path)
     if predicate is None:
       chosen = default_predicate(p, x, group_size)
     elif isinstance(predicate, str):

@@ -39,7 +39,6 @@ from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
 from jaxtune.peft import qlora
 from jaxtune.train import objectives
-from jaxtune.train import setup
 from jaxtune.train import teacher_logits
 
 TEACHER = "teacher"
@@ -104,7 +103,7 @@ def load_teacher(cfg: config_lib.TrainConfig, teacher_cfg: config_lib.ModelConfi
                                      mesh=mesh, base=cfg.model)
   else:
     _, params = hf_io.load_hf(path, dtype, base=cfg.model,
-                              place=setup.place_fn(mesh, teacher_cfg))
+                              place=sharding.placer(mesh, decoder.axes(teacher_cfg)))
   return params
 
 

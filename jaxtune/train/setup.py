@@ -17,7 +17,6 @@ import optax
 
 from jaxtune import config as config_lib
 from jaxtune import sharding
-from jaxtune import tree
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
 from jaxtune.train import objectives
@@ -42,17 +41,6 @@ class Run:
   adapters_meta: Any = None  # the lora.Adapters template (static fields) when PEFT is on
 
 
-def place_fn(mesh, model_cfg: config_lib.ModelConfig):
-  """place(path, host_array) -> a global array sharded per the logical-axes rules."""
-  axes = tree.flatten(decoder.axes(model_cfg))
-
-  def place(path, x):
-    sh = jax.sharding.NamedSharding(mesh, sharding.spec(axes[path], x.shape, mesh))
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-  return place
-
-
 def load_model(cfg: config_lib.TrainConfig, mesh, *, vocab_size: int | None = None):
   """(model_cfg, params): from model.hf_path if set, else a random init of cfg.model."""
   dtype = decoder.DTYPES[cfg.model.param_dtype]
@@ -60,7 +48,7 @@ def load_model(cfg: config_lib.TrainConfig, mesh, *, vocab_size: int | None = No
     model_dir = hf_io.resolve(cfg.model.hf_path)
     model_cfg = hf_io.read_config(model_dir, cfg.model)
     _, params = hf_io.load_hf(model_dir, dtype, base=cfg.model,
-                              place=place_fn(mesh, model_cfg))
+                              place=sharding.placer(mesh, decoder.axes(model_cfg)))
     return model_cfg, params
   model_cfg = cfg.model
   if vocab_size is not None and vocab_size != model_cfg.vocab_size:
