@@ -8,6 +8,8 @@ COMMON = dict(vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_l
               num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=256,
               rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
 
+WINDOW = 5  # the sliding window of "mistral_window", in tokens
+
 FAMILIES = {
     "llama2": (transformers.LlamaConfig, dict(tie_word_embeddings=False, rope_theta=10000.0)),
     "llama3.2": (transformers.LlamaConfig, dict(
@@ -16,6 +18,10 @@ FAMILIES = {
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "mistral": (transformers.MistralConfig, dict(tie_word_embeddings=False, sliding_window=None,
                                                  head_dim=16)),
+    # A window shorter than the test sequences, so it changes the logits. Eager attention:
+    # the implementation that has applied Mistral's window in every transformers version.
+    "mistral_window": (transformers.MistralConfig, dict(
+        tie_word_embeddings=False, sliding_window=WINDOW, attn_implementation="eager")),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(tie_word_embeddings=False, head_dim=24)),
 }

@@ -1,5 +1,6 @@
 """Logits parity with `transformers` for every family, and exact HF round trips."""
 
+import dataclasses
 import json
 import os
 
@@ -67,6 +68,26 @@ def test_packed_segments_equal_separate_sequences(hf_dir):
   packed = np.asarray(jaxtune.forward(cfg, params, row, positions=pos, segment_ids=seg))
   np.testing.assert_allclose(packed[0, :11], hf_models.logits(model, a[None])[0], atol=1e-4)
   np.testing.assert_allclose(packed[0, 11:28], hf_models.logits(model, b[None])[0], atol=1e-4)
+
+
+def test_sliding_window_applies_and_matches_transformers(tmp_path):
+  """Window 5 on 16 tokens: equal to full attention for t < 5, different after, and = HF."""
+  windowed = hf_models.make("mistral_window")
+  full = hf_models.make("mistral_window", sliding_window=None)
+  tokens = _tokens(5, t=16)
+  ref, ref_full = hf_models.logits(windowed, tokens), hf_models.logits(full, tokens)
+  w = hf_models.WINDOW
+  np.testing.assert_allclose(ref[:, :w], ref_full[:, :w], atol=1e-5, rtol=0)
+  assert np.abs(ref[:, w:] - ref_full[:, w:]).max(axis=-1).min() > 1e-2  # every later token
+
+  windowed.save_pretrained(tmp_path, safe_serialization=True)
+  cfg, params = jaxtune.load_hf(str(tmp_path))
+  assert cfg.family == "mistral" and cfg.sliding_window == w
+  ours = np.asarray(jaxtune.forward(cfg, params, tokens))
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+  ours_full = np.asarray(jaxtune.forward(dataclasses.replace(cfg, sliding_window=0), params,
+                                         tokens))
+  np.testing.assert_allclose(ours_full, ref_full, atol=1e-4, rtol=0)
 
 
 def test_sharded_checkpoint_with_index(tmp_path):

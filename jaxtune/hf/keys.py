@@ -1,6 +1,7 @@
 """The declarative HF <-> jaxtune key tables and their exact inverse.
 
-Each family is a table of (HF key template, param path, transpose). `{i}` in a template is
+Each family's table (`Family.rows` in `jaxtune.models.families`) lists (HF key template,
+param path, transpose); the functions here read any family's table. `{i}` in a template is
 the layer index; those rows map to a param stacked over layers on its leading axis.
 `transpose` turns HF's torch Linear weight [out, in] into a kernel [in, out]. The same table
 read backwards is the export, so import followed by export is bit-identical.
@@ -17,40 +18,9 @@ import numpy as np
 
 from jaxtune import config as config_lib
 from jaxtune.models import decoder
+from jaxtune.models import families
 
-Row = tuple[str, str, bool]
-
-_BASE: tuple[Row, ...] = (
-    ("model.embed_tokens.weight", "embed_tokens/embedding", False),
-    ("model.layers.{i}.input_layernorm.weight", "layers/input_layernorm/scale", False),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/self_attn/q_proj/kernel", True),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/self_attn/k_proj/kernel", True),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/self_attn/v_proj/kernel", True),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers/self_attn/o_proj/kernel", True),
-    ("model.layers.{i}.post_attention_layernorm.weight",
-     "layers/post_attention_layernorm/scale", False),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/gate_proj/kernel", True),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/up_proj/kernel", True),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/down_proj/kernel", True),
-    ("model.norm.weight", "norm/scale", False),
-    ("lm_head.weight", "lm_head/kernel", True),
-)
-_QKV_BIAS: tuple[Row, ...] = (
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/self_attn/q_proj/bias", False),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/self_attn/k_proj/bias", False),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/self_attn/v_proj/bias", False),
-)
-_QK_NORM: tuple[Row, ...] = (
-    ("model.layers.{i}.self_attn.q_norm.weight", "layers/self_attn/q_norm/scale", False),
-    ("model.layers.{i}.self_attn.k_norm.weight", "layers/self_attn/k_norm/scale", False),
-)
-
-TABLES: dict[str, tuple[Row, ...]] = {
-    "llama": _BASE,
-    "mistral": _BASE,
-    "qwen2": _BASE + _QKV_BIAS,
-    "qwen3": _BASE + _QK_NORM,
-}
+Row = families.Row
 
 # HF keys that may be present and carry nothing we need.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -59,7 +29,7 @@ IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 def rows(cfg: config_lib.ModelConfig) -> list[Row]:
   """The family's rows restricted to the params this config has (e.g. no lm_head if tied)."""
   have = decoder.shapes(cfg)
-  return [r for r in TABLES[cfg.family] if r[1] in have]
+  return [r for r in families.get(cfg.family).rows if r[1] in have]
 
 
 def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:

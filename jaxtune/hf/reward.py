@@ -27,6 +27,7 @@ from jaxtune import tree
 from jaxtune.hf import config as hf_config
 from jaxtune.hf import io as hf_io
 from jaxtune.hf import keys
+from jaxtune.models import families
 
 SCORE_KEY = "score.weight"
 LM_HEAD_KEY = "lm_head.weight"
@@ -34,10 +35,7 @@ LM_HEAD_KEY = "lm_head.weight"
 
 def architecture(family: str) -> str:
   """'LlamaForSequenceClassification' for 'llama', and so on."""
-  if family not in hf_config.ARCHITECTURES:
-    raise ValueError(f"no sequence-classification architecture for family {family!r} "
-                     f"(expected one of {', '.join(hf_config.ARCHITECTURES)})")
-  return hf_config.ARCHITECTURES[family].replace("ForCausalLM", "ForSequenceClassification")
+  return families.get(family).seq_cls_architecture
 
 
 def hf_config_dict(cfg: config_lib.ModelConfig, *, pad_token_id: int,
