@@ -21,9 +21,11 @@ import transformers
 
 import jaxtune
 from jaxtune import config as config_lib
+from jaxtune import quant
 from jaxtune import sharding
 from jaxtune import tree
 from jaxtune.models import decoder
+from jaxtune.peft import base as peft_base
 from jaxtune.peft import lora
 from tests import hf_models
 
@@ -92,6 +94,48 @@ def test_init_output_equals_base_and_init_statistics(base):
   g = lora.init(CFG, base, rank=4, key=jax.random.key(2), a_init="gaussian")
   a = np.asarray(g.params["layers"]["mlp"]["up_proj"]["a"])
   assert abs(a.std() - 1 / 4) < 0.02  # PEFT's init_lora_weights='gaussian': N(0, 1/r)
+
+
+def test_registry_names_bad_methods_and_apply_wraps_exactly_the_targets(base):
+  with pytest.raises(config_lib.ConfigError) as e:
+    jaxtune.peft.get("nope")
+  assert str(e.value) == ("bad value for peft.method: 'nope' (expected one of none, lora, "
+                          "qlora)")
+  assert jaxtune.peft.names() == ("lora", "qlora") and jaxtune.peft.get("none") is None
+  for name in jaxtune.peft.names():
+    method = jaxtune.peft.get(name)
+    assert isinstance(method, peft_base.PeftMethod) and method.name == name
+  assert jaxtune.peft.get("qlora").quantized_base and not jaxtune.peft.get("lora").quantized_base
+
+  pc = config_lib.PeftConfig(method="lora", rank=4, targets=r"layers/(self_attn/(q|v)|mlp/down)"
+                             r"_proj/kernel")
+  method = jaxtune.peft.get("lora")
+  ad = _randomize(method.init(CFG, base, pc, jax.random.key(0)), 1)
+  for params in (base, quant.quantize(base, method="nf4", group_size=16)):
+    applied = method.apply(params, ad)
+    wrapped = {p: x for p, x in tree.flatten(applied).items() if isinstance(x, lora.LoraKernel)}
+    assert sorted(wrapped) == sorted(lora.select(params, pc.targets)) == [
+        "layers/mlp/down_proj/kernel", "layers/self_attn/q_proj/kernel",
+        "layers/self_attn/v_proj/kernel"]
+    for p, leaf in wrapped.items():  # the base kernel itself, untouched, inside the leaf
+      assert leaf.w is tree.flatten(params)[p] and leaf.key is None and leaf.scale == ad.scale
+    others = {p: x for p, x in tree.flatten(applied).items() if p not in wrapped}
+    assert all(x is tree.flatten(params)[p] for p, x in others.items())
+    assert not any(isinstance(x, lora.LoraKernel) for x in tree.flatten(params).values())
+    # jit and lax.scan see the wrapped tree: jitted forward == eager forward == forward(lora=)
+    tokens = _tokens(2, v=CFG.vocab_size)
+    eager = np.asarray(decoder.forward(CFG, applied, tokens))
+    jitted = np.asarray(jax.jit(lambda p, t: decoder.forward(CFG, p, t))(applied, tokens))
+    np.testing.assert_allclose(jitted, eager, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(eager, np.asarray(decoder.forward(CFG, params, tokens,
+                                                                    lora=ad)))
+    assert np.abs(eager - np.asarray(decoder.forward(CFG, params, tokens))).max() > 0.1
+  with pytest.raises(ValueError, match=r"unexpected top-level key 'score'"):
+    dataclasses.replace(ad, params=dict(ad.params, score={"kernel": jnp.zeros(3)})).apply(base)
+  with pytest.raises(ValueError, match=r"mlp/down_proj/kernel is already adapter-wrapped"):
+    ad.apply(ad.apply(base))
+  with pytest.raises(TypeError, match=r"dataclasses.replace\(adapters, params=tree\)"):
+    decoder.forward(CFG, base, _tokens(2, v=CFG.vocab_size), lora=(ad.params, ad.scale))
 
 
 def test_targets_regex_selects_and_names_the_regex(base):
@@ -252,6 +296,17 @@ def test_load_peft_names_what_it_refuses(tmp_path):
     lora.load_peft(cfg, write("lm_head", c=dict(pc, target_modules=["q_proj", "lm_head"])))
   with pytest.raises(ValueError, match=r"peft_type 'IA3'"):
     lora.load_peft(cfg, write("ia3", c=dict(pc, peft_type="IA3")))
+  # The method-agnostic entry points pick LoRA by type / peft_type, and name what they refuse.
+  with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported \(supported: LORA\)"):
+    jaxtune.peft.load_peft(cfg, str(tmp_path / "ia3"))
+  ad = jaxtune.peft.load_peft(cfg, good)
+  again = jaxtune.peft.save_peft(cfg, ad, str(tmp_path / "again"))
+  theirs = safetensors.numpy.load_file(os.path.join(again, "adapter_model.safetensors"))
+  assert sorted(theirs) == sorted(tensors)
+  for k in tensors:
+    np.testing.assert_array_equal(theirs[k], tensors[k], err_msg=k)
+  with pytest.raises(TypeError, match=r"dict is not an adapters object.*expected one of Adapters"):
+    jaxtune.peft.save_peft(cfg, ad.params, str(tmp_path / "bad"))
 
 
 def _train(cfg, base, ad, tokens, mask, steps, lr):
@@ -262,7 +317,8 @@ def _train(cfg, base, ad, tokens, mask, steps, lr):
   @jax.jit
   def step(ad_params, state, base):
     def loss_fn(p):
-      return _ce(decoder.forward(cfg, base, tokens, lora=(p, ad.scale)), tokens, mask)
+      return _ce(decoder.forward(cfg, base, tokens, lora=dataclasses.replace(ad, params=p)),
+                 tokens, mask)
     loss, grads = jax.value_and_grad(loss_fn)(ad_params)
     updates, state = opt.update(grads, state, ad_params)
     return optax.apply_updates(ad_params, updates), state, loss
@@ -299,7 +355,8 @@ def test_sharded_loss_and_grads_match_one_device(base):
   mask = jnp.ones_like(tokens).at[:, :3].set(0)
 
   def loss_fn(ad_params, base, tokens, mask, constrain=None):
-    logits = decoder.forward(CFG, base, tokens, lora=(ad_params, ad.scale), constrain=constrain)
+    logits = decoder.forward(CFG, base, tokens, lora=dataclasses.replace(ad, params=ad_params),
+                             constrain=constrain)
     return _ce(logits, tokens, mask)
 
   loss1, grads1 = jax.jit(jax.value_and_grad(loss_fn))(ad.params, base, tokens, mask)

@@ -235,6 +235,37 @@ def test_chunked_cross_entropy_equals_plain_values_and_grads(transpose, chunk_si
   assert float(tokens(hidden, weight)) == float(np.sum(mask))
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_chunked_cross_entropy_soft_capped_equals_plain_and_numpy(transpose):
+  """softcap=c caps the logits as c * tanh(z / c) (Gemma 2) inside the fused chunks: same
+  value and gradients as the plain loss on capped full logits, and the numpy value."""
+  hidden, kernel, targets, mask = chunked_inputs(9)
+  hidden = hidden * 4.0  # logits of scale ~10: the cap (5) bends them
+  weight = kernel.T if transpose else kernel
+  cap = 5.0
+
+  def chunked(h, w):
+    return losses.chunked_cross_entropy(h, w, targets, mask, chunk_size=5,
+                                        transpose=transpose, softcap=cap)[0]
+
+  def plain(h, w):
+    z = jnp.einsum("btd,vd->btv" if transpose else "btd,dv->btv", h, w)
+    return losses.cross_entropy_loss(cap * jnp.tanh(z / cap), targets, mask)[0]
+
+  val, (gh, gw) = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, weight)
+  pval, (pgh, pgw) = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(hidden, weight)
+  np.testing.assert_allclose(val, pval, rtol=1e-5)
+  np.testing.assert_allclose(gh, pgh, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(gw, pgw, rtol=1e-5, atol=1e-6)
+  z = np.asarray(hidden, np.float64) @ np.asarray(kernel, np.float64)
+  want, _ = np_cross_entropy(cap * np.tanh(z / cap), np.clip(np.asarray(targets), 0, None),
+                             np.asarray(mask, np.float64))
+  np.testing.assert_allclose(val, want, rtol=1e-5)
+  uncapped = losses.chunked_cross_entropy(hidden, weight, targets, mask, chunk_size=5,
+                                          transpose=transpose)[0]
+  assert abs(float(uncapped) - float(val)) > 1e-2  # the cap really changed the loss
+
+
 def _largest_intermediate(closed_jaxpr):
   """Largest number of elements of any value produced anywhere in a jaxpr (recursing into
   scan / checkpoint / pjit sub-jaxprs)."""

@@ -111,7 +111,8 @@ def test_qlora_training_lowers_loss_and_keeps_base(qmodel):
   @jax.jit
   def step(p, state, base):
     loss, g = jax.value_and_grad(
-        lambda p: _ce(decoder.forward(cfg, base, tokens, lora=(p, ad.scale)), tokens))(p)
+        lambda p: _ce(decoder.forward(cfg, base, tokens, lora=dataclasses.replace(ad, params=p)),
+                      tokens))(p)
     updates, state = opt.update(g, state, p)
     return optax.apply_updates(p, updates), state, loss
 
@@ -125,9 +126,16 @@ def test_qlora_training_lowers_loss_and_keeps_base(qmodel):
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, qparams))
   trained = dataclasses.replace(ad, params=p)
 
-  # Adapters off = the reference model (DPO / GRPO KL base), from the same base params.
+  # Adapters off = the reference model (DPO / GRPO KL base), from the same base params: the
+  # dequantized dense base (merging the untrained adapters, B = 0, adds nothing to it).
   ref = np.asarray(lora.reference_logits(cfg, qparams, tokens))
-  np.testing.assert_array_equal(ref, np.asarray(decoder.forward(cfg, qparams, tokens)))
+  dense_base = lora.merge(cfg, qparams, ad)
+  np.testing.assert_array_equal(
+      np.asarray(tree.flatten(dense_base)["layers/mlp/up_proj/kernel"]),
+      np.asarray(quant.dequantize(qparams["layers"]["mlp"]["up_proj"]["kernel"])))
+  diff = np.abs(ref - np.asarray(decoder.forward(cfg, dense_base, tokens))).max()
+  print(f"QLoRA reference vs dequantized dense base max abs diff {diff:.2e}")
+  assert diff < 1e-5
   on = np.asarray(decoder.forward(cfg, qparams, tokens, lora=trained))
   assert np.abs(on - ref).max() > 0.1
   # Merging into the dequantized base gives a dense model with the same logits.

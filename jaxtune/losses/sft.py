@@ -113,7 +113,7 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array):
 
 def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
                           targets: jax.Array, mask: jax.Array, *, chunk_size: int,
-                          transpose: bool = False):
+                          transpose: bool = False, softcap: float = 0.0):
   """`cross_entropy_loss` computed from final hidden states, one token chunk at a time.
 
   logits = hidden @ W (W: [D, V] kernel, `transpose=False`) or hidden @ E^T (E: [V, D]
@@ -138,6 +138,8 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
     mask: [B, T] 0/1 loss mask.
     chunk_size: tokens per chunk (> 0).
     transpose: True when the weight is an embedding table [V, D] (tied embeddings).
+    softcap: > 0 caps the logits as softcap * tanh(z / softcap) (Gemma 2); the chain rule
+      factor 1 - tanh^2 is applied to the fused gradient.
 
   Returns:
     (loss, {"loss": loss, "tokens": number of unmasked tokens}), float32 scalars.
@@ -166,16 +168,18 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
   y = y.reshape(n_chunks, chunk_size)  # [K, C]
   m = m.reshape(n_chunks, chunk_size)  # [K, C]
 
-  total = _nll_sum(h, embedding_or_kernel, y, m, transpose)
+  total = _nll_sum(h, embedding_or_kernel, y, m, (transpose, float(softcap)))
   tokens = jnp.sum(m)
   loss = total / jnp.maximum(tokens, 1.0)
   return loss, {"loss": loss, "tokens": tokens}
 
 
-def _chunk_logits(h_c, w, transpose):
-  """[C, D] x W -> float32 logits [C, V]."""
+def _chunk_logits(h_c, w, opts):
+  """[C, D] x W -> float32 logits [C, V], soft-capped when opts = (transpose, cap > 0)."""
+  transpose, cap = opts
   spec = "cd,vd->cv" if transpose else "cd,dv->cv"
-  return jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+  z = jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+  return cap * jnp.tanh(z / cap) if cap else z
 
 
 def _chunk_nll(logits, y_c, m_c):
@@ -186,18 +190,21 @@ def _chunk_nll(logits, y_c, m_c):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _nll_sum(h, w, y, m, transpose):
-  """sum_k sum_c m * nll over chunks: h [K, C, D], w [D, V] | [V, D], y / m [K, C]."""
+def _nll_sum(h, w, y, m, opts):
+  """sum_k sum_c m * nll over chunks: h [K, C, D], w [D, V] | [V, D], y / m [K, C].
+
+  opts = (transpose, softcap), static."""
   def body(total, xs):
     h_c, y_c, m_c = xs
-    nll, _ = _chunk_nll(_chunk_logits(h_c, w, transpose), y_c, m_c)
+    nll, _ = _chunk_nll(_chunk_logits(h_c, w, opts), y_c, m_c)
     return total + jnp.sum(nll * m_c), None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, y, m))
   return total
 
 
-def _nll_sum_fwd(h, w, y, m, transpose):
+def _nll_sum_fwd(h, w, y, m, opts):
+  transpose, cap = opts
   need_w = w.perturbed
   need_m = m.perturbed
   h, w, y, m = h.value, w.value, y.value, m.value
@@ -207,12 +214,15 @@ def _nll_sum_fwd(h, w, y, m, transpose):
   def body(carry, xs):
     total, dw = carry
     h_c, y_c, m_c = xs
-    logits = _chunk_logits(h_c, w, transpose)  # [C, V] f32
+    logits = _chunk_logits(h_c, w, opts)  # [C, V] f32 (capped)
     nll, lse = _chunk_nll(logits, y_c, m_c)
     weight = jnp.where(m_c != 0, m_c, 0.0)  # [C]
     probs = jnp.exp(logits - lse[:, None])  # [C, V]
     onehot = jnp.arange(logits.shape[-1])[None, :] == y_c[:, None]
-    g = ((probs - onehot) * weight[:, None]).astype(w.dtype)  # [C, V] dNLL/dlogits
+    g = (probs - onehot) * weight[:, None]  # [C, V] dNLL/dlogits
+    if cap:  # through z = cap * tanh(u / cap): dz/du = 1 - (z / cap)^2
+      g = g * (1.0 - jnp.square(logits / cap))
+    g = g.astype(w.dtype)
     dh_c = jnp.einsum(wt_spec, g, w, preferred_element_type=jnp.float32).astype(h.dtype)
     if need_w:
       dw = dw + jnp.einsum(dw_spec, h_c.astype(w.dtype), g,
@@ -225,8 +235,8 @@ def _nll_sum_fwd(h, w, y, m, transpose):
   return total, res
 
 
-def _nll_sum_bwd(transpose, res, ct):
-  del transpose
+def _nll_sum_bwd(opts, res, ct):
+  del opts
   dh, dw, nll = res
   if isinstance(ct, jax.custom_derivatives.SymbolicZero):
     ct = jnp.zeros((), jnp.float32)

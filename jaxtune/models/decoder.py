@@ -19,9 +19,10 @@ The params tree (L layers, D hidden, H*Dh query width, K*Dh kv width, F mlp, V v
      "norm": {"scale": [D]},
      "lm_head": {"kernel": [D, V]}}                                   # absent when tied
 
-Kernels are `x @ kernel` ([in, out]); a kernel may be a `quant.QArray`. LoRA adapters are a
-tree mirroring the targeted projections, {"layers": {"self_attn": {"q_proj": {"a": [L, D, r],
-"b": [L, r, H*Dh]}}}}, passed with their scale (see `jaxtune.peft.lora`).
+Kernels are `x @ kernel` ([in, out]) through `layers.linear`, so a kernel leaf may also be a
+4-bit `quant.QArray` or an adapter-wrapped leaf: PEFT methods (`jaxtune.peft`) turn the base
+params into such a tree with `adapters.apply(params)`, and the decoder runs it unchanged.
+`forward(..., lora=adapters)` is a shorthand for that; this module never imports peft.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import tree
+from jaxtune.models import head
 from jaxtune.models import layers
-
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -115,27 +114,19 @@ def _remat(fn, policy: str, *, scanned: bool = True):
   return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
 
 
-def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq, constrain,
-           lora_dropout=0.0, dropout_key=None):
+def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain):
   """One decoder layer. x [B, T, D] -> [B, T, D]."""
 
-  def lin(inp, p, name, ad, index):
-    key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-    return layers.linear(inp, p["kernel"], bias=p.get("bias"), lora=ad.get(name),
-                         lora_scale=lora_scale, lora_dropout=lora_dropout, dropout_key=key)
+  def lin(inp, p):
+    return layers.linear(inp, p["kernel"], bias=p.get("bias"))
 
   dt = x.dtype
   attn_p = layer["self_attn"]
-  attn_l = (lora or {}).get("self_attn", {})
   b, t, _ = x.shape
   h = layers.rms_norm(x, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
-
-  def proj(name, inp):
-    return lin(inp, attn_p[name], name, attn_l, _ATTN.index(name))
-
-  q = proj("q_proj", h).reshape(b, t, cfg.num_heads, cfg.head_dim)
-  k = proj("k_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-  v = proj("v_proj", h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  q = lin(h, attn_p["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = lin(h, attn_p["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = lin(h, attn_p["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   if cfg.qk_norm:
     q = layers.rms_norm(q, attn_p["q_norm"]["scale"], cfg.rms_norm_eps)
     k = layers.rms_norm(k, attn_p["k_norm"]["scale"], cfg.rms_norm_eps)
@@ -144,32 +135,27 @@ def _block(cfg, x, layer, lora, *, lora_scale, positions, segment_ids, inv_freq,
   q = constrain(q, ("batch", "seq", "act_heads", None))
   o = layers.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention,
                        sliding_window=cfg.sliding_window)
-  o = proj("o_proj", o.reshape(b, t, cfg.q_size).astype(dt))
+  o = lin(o.reshape(b, t, cfg.q_size).astype(dt), attn_p["o_proj"])
   x = x + o
   x = constrain(x, ("batch", "seq", "act_embed"))
 
   mlp_p = layer["mlp"]
-  mlp_l = (lora or {}).get("mlp", {})
   h = layers.rms_norm(x, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-
-  def mproj(name, inp):
-    return lin(inp, mlp_p[name], name, mlp_l, len(_ATTN) + _MLP.index(name))
-
-  g = layers.swiglu(mproj("gate_proj", h), mproj("up_proj", h))
+  g = layers.swiglu(lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
   g = constrain(g, ("batch", "seq", "act_mlp"))
-  x = x + mproj("down_proj", g)
+  x = x + lin(g, mlp_p["down_proj"])
   return constrain(x, ("batch", "seq", "act_embed"))
 
 
 def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  lora: dict | None = None, lora_scale: float = 1.0, constrain=None,
-                  lora_dropout: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
+                  constrain=None) -> jax.Array:
   """Final-normed hidden states [B, T, D] (compute dtype) for tokens [B, T] int32.
 
   positions [B, T] default to 0..T-1; segment_ids [B, T] (0 = padding) make attention
   block-diagonal for packed rows. `constrain(x, logical_axes)` adds sharding constraints.
-  `lora_dropout` with a `dropout_rng` applies dropout to every adapter's input (training).
+  `params` may hold adapter-wrapped kernel leaves (`adapters.apply(params, rng)`), which
+  scan over layers like any other leaf and carry their own dropout keys.
   """
   constrain = constrain or (lambda x, _: x)
   dt = DTYPES[cfg.dtype]
@@ -179,40 +165,20 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dt)
   x = constrain(x, ("batch", "seq", "act_embed"))
   inv_freq = layers.rope_inv_freq(cfg)
-  lora_layers = (lora or {}).get("layers")
-  use_dropout = lora_layers is not None and lora_dropout > 0 and dropout_rng is not None
-  keys = jax.random.split(dropout_rng, cfg.num_layers) if use_dropout else None
 
-  def body(carry, xs):
-    layer, layer_lora, key = xs
-    y = _block(cfg, carry, layer, layer_lora, lora_scale=lora_scale, positions=positions,
-               segment_ids=segment_ids, inv_freq=inv_freq, constrain=constrain,
-               lora_dropout=lora_dropout, dropout_key=key)
+  def body(carry, layer):
+    y = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
+               inv_freq=inv_freq, constrain=constrain)
     return y, None
 
   body = _remat(body, cfg.remat, scanned=cfg.scan_layers)
   if cfg.scan_layers:
-    x, _ = jax.lax.scan(body, x, (params["layers"], lora_layers, keys))
+    x, _ = jax.lax.scan(body, x, params["layers"])
   else:
     for i in range(cfg.num_layers):
-      sl = jax.tree_util.tree_map(lambda a, i=i: a[i], (params["layers"], lora_layers, keys))
-      x, _ = body(x, sl)
-  return layers.rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
-
-
-def output_kernel(cfg: config_lib.ModelConfig, params: dict):
-  """(weight, transposed): [V, D] tied embedding (transposed=True) or [D, V] lm_head."""
-  if cfg.tie_word_embeddings:
-    return params["embed_tokens"]["embedding"], True
-  return params["lm_head"]["kernel"], False
-
-
-def logits_from_hidden(cfg: config_lib.ModelConfig, params: dict, h: jax.Array) -> jax.Array:
-  """[B, T, D] -> float32 logits [B, T, V]."""
-  w, transposed = output_kernel(cfg, params)
-  if transposed:
-    return jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-  return layers.linear(h, w).astype(jnp.float32)
+      layer = jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"])
+      x, _ = body(x, layer)
+  return head.final_norm(cfg, params, x)
 
 
 def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
@@ -220,17 +186,16 @@ def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
             lora=None, constrain=None) -> jax.Array:
   """tokens [B, T] int32 -> float32 logits [B, T, V].
 
-  `lora` is None, a `jaxtune.peft.lora.Adapters`, or a (tree, scale) pair.
+  `lora` is None or any adapters object with `.apply(params) -> params` (e.g.
+  `jaxtune.peft.lora.Adapters`; no dropout here: that needs `apply(params, rng)`).
   """
-  lora_tree, scale = _lora_parts(lora)
+  if lora is not None:
+    if not callable(getattr(lora, "apply", None)):
+      raise TypeError(
+          f"forward: lora must be None or adapters with .apply(params), got "
+          f"{type(lora).__name__}; for a bare adapter tree pass "
+          "dataclasses.replace(adapters, params=tree)")
+    params = lora.apply(params)
   h = hidden_states(cfg, params, tokens, positions=positions, segment_ids=segment_ids,
-                    lora=lora_tree, lora_scale=scale, constrain=constrain)
-  return logits_from_hidden(cfg, params, h)
-
-
-def _lora_parts(lora):
-  if lora is None:
-    return None, 1.0
-  if isinstance(lora, tuple):
-    return lora
-  return lora.params, lora.scale
+                    constrain=constrain)
+  return head.logits(cfg, params, h)

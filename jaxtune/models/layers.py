@@ -1,9 +1,10 @@
 """The building blocks of a Llama-family decoder, as pure functions over arrays.
 
-Kept apart from `decoder.py` so that each block can be tested against its Hugging Face
-counterpart and reused (the sampler and reward heads call these too). Shapes use
-B batch, T (query) time, S (key) time, D model width, H query heads, K kv heads,
-Dh head dim, F mlp width, V vocab, r LoRA rank.
+Kept apart from `decoder.py`, which only composes them, so that each block stays small and
+testable on its own. `linear` is the one place where a kernel leaf is interpreted (dense,
+4-bit `quant.QArray`, or an adapter leaf from `jaxtune.peft`, which calls back into
+`linear` for its base matmul). Shapes use B batch, T (query) time, S (key) time, D model
+width, H query heads, K kv heads, Dh head dim, F mlp width, V vocab.
 """
 
 from __future__ import annotations
@@ -77,30 +78,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def linear(x: jax.Array, w, *, bias: jax.Array | None = None, lora=None,
-           lora_scale: float = 1.0, lora_dropout: float = 0.0,
-           dropout_key: jax.Array | None = None) -> jax.Array:
-  """x [..., Din] @ w [Din, Dout] (+ bias) (+ lora_scale * dropout(x) @ A @ B).
+def linear(x: jax.Array, w, *, bias: jax.Array | None = None) -> jax.Array:
+  """x [..., Din] @ w [Din, Dout] (+ bias [Dout]) -> [..., Dout]. Dispatches on the leaf:
 
-  `w` is a dense array or a `quant.QArray` (dequantised inside the matmul so XLA fuses it).
-  `lora` is None or a dict {"a": [Din, r], "b": [r, Dout]}. With `lora_dropout` > 0 and a
-  `dropout_key`, the adapter's input (only) goes through inverted dropout, as in PEFT.
+  - a `quant.QArray`: 4-bit kernel, dequantised inside the matmul so XLA fuses it;
+  - an object with a `linear(x, *, bias=None)` method: an adapter-wrapped kernel (PEFT
+    leaves such as `jaxtune.peft.lora_kernel.LoraKernel`), which computes the whole
+    projection itself, bias included, so it decides how its update and the bias combine;
+  - otherwise a dense array.
+
+  This module never imports `jaxtune.peft`: adapter leaves are found by duck typing.
   """
   if isinstance(w, quant.QArray):
     y = quant.matmul(x, w)
+  elif callable(getattr(w, "linear", None)):
+    return w.linear(x, bias=bias)
   else:
     y = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))
   if bias is not None:
     y = y + bias.astype(y.dtype)
-  if lora is not None:
-    a = lora["a"].astype(x.dtype)
-    b = lora["b"].astype(x.dtype)
-    xl = x
-    if lora_dropout > 0 and dropout_key is not None:
-      keep = 1.0 - lora_dropout
-      xl = jnp.where(jax.random.bernoulli(dropout_key, keep, x.shape), x / keep,
-                     jnp.zeros((), x.dtype))
-    y = y + (lora_scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", xl, a), b))
   return y
 
 

@@ -1,4 +1,4 @@
-"""`Adapters`: the LoRA adapter tree and its hyperparameters, as one pytree.
+"""`Adapters`: the LoRA adapter tree and its hyperparameters, as one pytree, and its `apply`.
 
 Kept apart from `lora.py` (tree operations) and `peft_io.py` (PEFT files) so both can build
 and read it without importing each other. Only `params` is a pytree child: jit,
@@ -13,7 +13,9 @@ leaf replaced by the two low-rank factors (L layers, r rank):
     params {"layers": {"self_attn": {"q_proj": {"a": [L, D, r], "b": [L, r, H*Dh]}},
                        "mlp": {"down_proj": {"a": [L, F, r], "b": [L, r, D]}}}}
 
-and the forward adds `scale * (x @ a) @ b` to each targeted `x @ kernel`.
+and `apply(params, rng)` replaces each targeted kernel of the base params by a
+`lora_kernel.LoraKernel(w=kernel, a, b, key)` leaf, whose `linear` adds
+`scale * (dropout(x) @ a) @ b` to `x @ kernel`; the decoder runs that tree unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import math
 from typing import Any
 
 import jax
+
+from jaxtune.peft import lora_kernel
 
 # Projections a LoRA factor pair can attach to: {parent module: projection names}.
 SUPPORTED = {
@@ -55,6 +59,14 @@ class Adapters:
   targets: str = _static("")
   dropout: float = _static(0.0)
 
+  def apply(self, params: dict, rng: jax.Array | None = None) -> dict:
+    """The base params with each adapted kernel replaced by a `LoraKernel` leaf.
+
+    rng: None for evaluation (no dropout); a PRNG key in a training step, which turns on
+    dropout on the adapters' inputs when `dropout` > 0. See the module-level `apply`.
+    """
+    return apply(self, params, rng)
+
 
 jax.tree_util.register_dataclass(Adapters)
 
@@ -86,3 +98,53 @@ def modules(params: dict) -> dict[str, dict]:
           raise ValueError(f"adapter tree: {path} must hold exactly 'a' and 'b', got {got}")
         out[path] = ab
   return out
+
+
+def apply(adapters: Adapters, params: dict, rng: jax.Array | None = None) -> dict:
+  """`params` with `LoraKernel(w, a, b, key)` in place of every adapted kernel.
+
+  Only the dicts on the way to an adapted kernel are copied; every other leaf is shared.
+  Every adapter module must find its kernel in `params` with the shape a @ b has (errors
+  name the path and shapes), and an already wrapped kernel is refused.
+
+  Dropout keys reproduce the stream of the former `decoder.hidden_states(dropout_rng=)`:
+  layer l, projection i (q, k, v, o, gate, up, down = 0..6) uses
+  `fold_in(split(rng, L)[l], i)`; the [L] keys ride in the leaf's `key` child and the
+  layer scan slices them like the kernels.
+  """
+  use_dropout = adapters.dropout > 0 and rng is not None
+  out = dict(params)
+  for path, ab in sorted(modules(adapters.params).items()):
+    kpath = path + "/kernel"
+    *parents, proj = path.split("/")
+    node = out
+    for part in (*parents, proj):  # copy the dicts on the way down, share the rest
+      child = node.get(part)
+      if not isinstance(child, dict):
+        raise ValueError(f"adapters.apply: params have no {kpath} for the adapter {path}")
+      node[part] = node = dict(child)
+    w = node.get("kernel")
+    if w is None:
+      raise ValueError(f"adapters.apply: params have no {kpath} for the adapter {path}")
+    if isinstance(w, lora_kernel.LoraKernel):
+      raise ValueError(f"adapters.apply: {kpath} is already adapter-wrapped (applied twice?)")
+    a, b = ab["a"], ab["b"]  # [L, in, r], [L, r, out]
+    ab_shape = (*a.shape[:-1], b.shape[-1])
+    if tuple(w.shape) != ab_shape:
+      raise ValueError(f"adapters.apply: {kpath} has shape {tuple(w.shape)}, but a "
+                       f"{tuple(a.shape)} @ b {tuple(b.shape)} gives {ab_shape}")
+    key = None
+    if use_dropout:
+      key = _dropout_keys(rng, a.shape, SUPPORTED_NAMES.index(proj), kpath)
+    node["kernel"] = lora_kernel.LoraKernel(w=w, a=a, b=b, key=key, scale=adapters.scale,
+                                            dropout=adapters.dropout)
+  return out
+
+
+def _dropout_keys(rng: jax.Array, a_shape: tuple[int, ...], index: int, kpath: str):
+  """[L] per-layer keys for projection `index`: fold_in(split(rng, L)[l], index)."""
+  if len(a_shape) != 3:
+    raise ValueError(f"adapters.apply: dropout needs factors stacked over layers; {kpath} "
+                     f"has a of shape {tuple(a_shape)} (expected [L, in, r])")
+  keys = jax.random.split(rng, a_shape[0])  # [L, 2] raw or [L] typed
+  return jax.vmap(lambda k: jax.random.fold_in(k, index))(keys)

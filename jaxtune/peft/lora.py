@@ -1,26 +1,31 @@
-"""LoRA as tree operations: init an adapter tree, give it axes, merge it, export it to PEFT.
+"""LoRA as tree operations: init an adapter tree, give it axes, apply, merge, export to PEFT.
 
 Low-rank adaptation (Hu et al. 2021) freezes the base params and learns, for each targeted
 kernel W [in, out], two factors A [in, r] and B [r, out] with y = x @ W + scale * x @ A @ B.
 In jaxtune the factors are a separate tree (`Adapters`, see `adapters.py`) selected by regex
 over base param paths, so the base stays a frozen argument and only adapter leaves are
-differentiated, hold optimizer state and are checkpointed:
+differentiated, hold optimizer state and are checkpointed. For a forward pass,
+`apply` wraps each targeted kernel in a `LoraKernel` leaf (`lora_kernel.py`) that the
+decoder's `layers.linear` runs like a dense or 4-bit kernel:
 
     >>> adapters = lora.init(cfg, params, rank=8, alpha=16, key=key)
     >>> logits = decoder.forward(cfg, params, tokens, lora=adapters)
-    >>> def loss_fn(ad_params):
-    ...   return ce(decoder.forward(cfg, params, tokens, lora=(ad_params, adapters.scale)))
-    >>> loss, grads = jax.value_and_grad(loss_fn)(adapters.params)   # grads: adapter tree
+    >>> def loss_fn(ad_params, rng):                         # a training step, with dropout
+    ...   wrapped = dataclasses.replace(adapters, params=ad_params).apply(params, rng)
+    ...   return ce(decoder.forward(cfg, wrapped, tokens))
+    >>> loss, grads = jax.value_and_grad(loss_fn)(adapters.params, rng)  # grads: adapter tree
     >>> shardings = sharding.tree_shardings(mesh, lora.axes(cfg, adapters), adapters)
     >>> merged = lora.merge(cfg, params, adapters)          # dense params, W + scale * A @ B
     >>> lora.save_peft(cfg, adapters, "out/")               # peft.PeftModel loads it
     >>> adapters = lora.load_peft(cfg, "out/")
 
-Reference model / KL base with adapters off (DPO, GRPO): the same base params with
-`lora=None`; `reference_logits` says so in code, so no second copy of the weights exists.
-The base kernels may be `quant.QArray` leaves (QLoRA, see `qlora.py`); shapes are read from
-the quantized leaf. LoRA dropout (`PeftConfig.dropout`, static on `Adapters`) is applied to
-the adapters' inputs in SFT training steps (`decoder.hidden_states(..., dropout_rng=)`).
+Reference model / KL base with adapters off (DPO, GRPO): the same base params, not applied;
+`reference_logits` says so in code, so no second copy of the weights exists. The base
+kernels may be `quant.QArray` leaves (QLoRA, see `qlora.py`); shapes are read from the
+quantized leaf. LoRA dropout (`PeftConfig.dropout`, static on `Adapters`) is applied to the
+adapters' inputs when `apply` is given an rng (training steps only).
+
+`METHOD` is this module's `base.PeftMethod` (registered as "lora" in `jaxtune.peft`).
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from jaxtune import quant
 from jaxtune import tree
 from jaxtune.models import decoder
 from jaxtune.peft import adapters as adapters_lib
+from jaxtune.peft import lora_kernel
 from jaxtune.peft import peft_io
 
 Adapters = adapters_lib.Adapters
+LoraKernel = lora_kernel.LoraKernel
 save_peft = peft_io.save_peft
 load_peft = peft_io.load_peft
 
@@ -177,11 +184,21 @@ def _merged_kernel(w, a, b, *, scale):
   return (w.astype(jnp.float32) + scale * d).astype(w.dtype)
 
 
+def apply(params: dict, adapters: Adapters, rng: jax.Array | None = None) -> dict:
+  """`adapters.apply(params, rng)`: targeted kernels -> `LoraKernel` leaves (see adapters.py).
+
+      {"layers": {"mlp": {"up_proj": {"kernel": [L, D, F]}}, ...}}
+   -> {"layers": {"mlp": {"up_proj": {"kernel": LoraKernel(w=[L, D, F], a=[L, D, r],
+                                                         b=[L, r, F], key=None)}}, ...}}
+  """
+  return adapters.apply(params, rng)
+
+
 def reference_logits(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
                      **forward_kwargs) -> jax.Array:
   """Logits of the base with adapters off: the DPO reference / GRPO KL base under LoRA.
 
-  The very same (possibly quantized) base params, `lora=None`; no second copy. Wrap it in
+  The very same (possibly quantized) base params, not applied; no second copy. Wrap it in
   `jax.lax.stop_gradient` where it feeds a loss. tokens [B, T] -> float32 [B, T, V].
   """
   return decoder.forward(cfg, params, tokens, lora=None, **forward_kwargs)
@@ -190,3 +207,39 @@ def reference_logits(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Arra
 def num_params(adapters: Adapters) -> int:
   """Number of trainable adapter parameters."""
   return tree.count(adapters.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraMethod:
+  """LoRA as a `base.PeftMethod`: the module functions above behind the protocol.
+
+  The same class serves QLoRA (`qlora.METHOD`, quantized_base=True): the adapters and their
+  files are the same; only the loading of the base differs, and that stays in `qlora.py`.
+  """
+  name: str = "lora"
+  quantized_base: bool = False
+  peft_type: str = "LORA"
+  adapters_type: type = Adapters
+
+  def init(self, model_cfg, params, peft_cfg, key) -> Adapters:
+    return init_from_config(model_cfg, params, peft_cfg, key=key)
+
+  def axes(self, model_cfg, adapters: Adapters) -> Adapters:
+    return axes(model_cfg, adapters)
+
+  def apply(self, params: dict, adapters: Adapters, rng: jax.Array | None = None) -> dict:
+    return apply(params, adapters, rng)
+
+  def merge(self, model_cfg, params: dict, adapters: Adapters) -> dict:
+    return merge(model_cfg, params, adapters)
+
+  def save(self, model_cfg, adapters: Adapters, out_dir: str, *,
+           base_model_name_or_path: str = "") -> str:
+    return save_peft(model_cfg, adapters, out_dir,
+                     base_model_name_or_path=base_model_name_or_path)
+
+  def load(self, model_cfg, adapter_dir: str) -> Adapters:
+    return load_peft(model_cfg, adapter_dir)
+
+
+METHOD = LoraMethod()

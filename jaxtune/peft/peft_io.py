@@ -153,6 +153,16 @@ def check_config(pc: dict, source: str) -> None:
                        f"{list(adapters_lib.SUPPORTED_NAMES)}")
 
 
+def read_adapter_config(adapter_dir: str) -> tuple[str, dict]:
+  """(local directory, parsed adapter_config.json) for a PEFT directory or hub id."""
+  adapter_dir = io.resolve(adapter_dir)
+  cpath = os.path.join(adapter_dir, CONFIG_FILE)
+  if not os.path.exists(cpath):
+    raise ValueError(f"{adapter_dir}: no {CONFIG_FILE}")
+  with open(cpath) as f:
+    return adapter_dir, json.load(f)
+
+
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
               dtype: Any = jnp.float32) -> adapters_lib.Adapters:
   """Reads a PEFT LoRA adapter (directory or hub id) into `Adapters` for this base config.
@@ -160,17 +170,13 @@ def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
   Unknown or missing tensors, wrong shapes and unsupported settings are errors that name
   them. dtype: storage dtype of the returned adapter leaves.
   """
-  adapter_dir = io.resolve(adapter_dir)
+  adapter_dir, pc = read_adapter_config(adapter_dir)
   cpath = os.path.join(adapter_dir, CONFIG_FILE)
   wpath = os.path.join(adapter_dir, WEIGHTS_FILE)
-  if not os.path.exists(cpath):
-    raise ValueError(f"{adapter_dir}: no {CONFIG_FILE}")
   if not os.path.exists(wpath):
     pickles = [f for f in os.listdir(adapter_dir) if f.endswith((".bin", ".pt", ".pth"))]
     raise ValueError(f"{adapter_dir}: no {WEIGHTS_FILE}" + (
         f" (found {pickles}: pickled weights are never loaded)" if pickles else ""))
-  with open(cpath) as f:
-    pc = json.load(f)
   check_config(pc, cpath)
   rank, alpha, rslora = int(pc["r"]), float(pc["lora_alpha"]), bool(pc.get("use_rslora"))
 

@@ -21,6 +21,10 @@ Embeddings, norms, biases and lm_head stay in `dtype`. Then, as for LoRA:
 
 The QArray leaves shard like their base kernels (`quant.tree_axes(qparams, decoder.axes(cfg))`);
 `load_quantized(..., mesh=mesh)` places each one straight onto its shards.
+
+`METHOD` is QLoRA's `base.PeftMethod` ("qlora" in `jaxtune.peft`): LoRA's init, apply,
+merge and PEFT files over the 4-bit base, with `quantized_base=True` telling the weights
+loader to come here (`load_from_config`) for the base.
 """
 
 from __future__ import annotations
@@ -37,9 +41,12 @@ from jaxtune import quant
 from jaxtune import sharding
 from jaxtune.hf import io
 from jaxtune.models import decoder
+from jaxtune.peft import lora
 
 # The base kernels QLoRA quantizes: every attention and MLP projection (fully matched).
 PROJECTIONS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
+
+METHOD = lora.LoraMethod(name="qlora", quantized_base=True)
 
 
 def _to_device(_: str, x: Any) -> Any:

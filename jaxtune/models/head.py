@@ -1,0 +1,104 @@
+"""The ONE output head: final norm, output projection, logit soft-cap, chunked scoring.
+
+Everything that turns the decoder's last hidden states into logits, log-probs or a loss goes
+through here (the forward, the SFT loss, the DPO/reward/distillation objectives), so a model
+family's output options (a final logit soft-cap, tied or separate output weights) are
+implemented once and every method and loss gets them:
+
+    x [B, T, D] --final_norm--> h [B, T, D]          (decoder.hidden_states ends with it)
+    h --logits--> float32 [B, T, V]                  cap * tanh(h @ W / cap) when capped
+    h --token_logprobs(targets)--> float32 [B, T]    chunked when cfg.logits_chunk > 0
+    h --nll_sum(targets, mask)--> float32 []         fused chunked cross-entropy (custom VJP)
+
+With `model.logits_chunk > 0` no [B*T, V] float32 logits are materialised: tokens are
+scored `logits_chunk` at a time (recomputed in the backward pass), and the SFT loss uses
+`losses.chunked_cross_entropy`, which fuses the gradient into the forward scan.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import losses
+from jaxtune.models import layers
+
+
+def final_norm(cfg: config_lib.ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+  """The last RMSNorm before the output projection. x [B, T, D] -> [B, T, D]."""
+  return layers.rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+
+
+def kernel(cfg: config_lib.ModelConfig, params: dict):
+  """(weight, transposed): the [V, D] tied embedding (transposed=True) or the [D, V] lm_head."""
+  if cfg.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"], True
+  return params["lm_head"]["kernel"], False
+
+
+def softcap(cfg: config_lib.ModelConfig, logits: jax.Array) -> jax.Array:
+  """cap * tanh(logits / cap) with cap = cfg.final_logit_softcap (0 = no cap)."""
+  cap = cfg.final_logit_softcap
+  if not cap:
+    return logits
+  return cap * jnp.tanh(logits / cap)
+
+
+def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+  """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V] (soft-capped)."""
+  w, transposed = kernel(cfg, params)
+  if transposed:
+    out = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  else:
+    out = layers.linear(h, w).astype(jnp.float32)
+  return softcap(cfg, out.astype(jnp.float32))
+
+
+def token_logprobs(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
+                   targets: jax.Array) -> jax.Array:
+  """log p(targets) [N, T] float32 from final-normed hidden states h [N, T, D].
+
+  With cfg.logits_chunk > 0 the [N, T, V] logits are never materialised: tokens are scored
+  `logits_chunk` at a time under `jax.checkpoint`, so the backward recomputes each chunk.
+  """
+  if cfg.logits_chunk <= 0:
+    return losses.token_logprobs(logits(cfg, params, h), targets)
+  w, transposed = kernel(cfg, params)
+  w = w.astype(h.dtype)
+  spec = "cd,vd->cv" if transposed else "cd,dv->cv"
+  vocab = w.shape[0] if transposed else w.shape[1]
+  n_rows, t, d = h.shape
+  n, c = n_rows * t, cfg.logits_chunk
+  pad = (-n) % c
+  hc = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)  # [K, C, D]
+  yc = jnp.pad(jnp.clip(targets.reshape(n), 0, vocab - 1), (0, pad)).reshape(-1, c)  # [K, C]
+
+  @jax.checkpoint
+  def chunk(xs):
+    hh, yy = xs
+    z = softcap(cfg, jnp.einsum(spec, hh, w, preferred_element_type=jnp.float32))  # [C, V]
+    picked = jnp.take_along_axis(z, yy[:, None], axis=-1)[:, 0]  # [C]
+    return picked - jax.nn.logsumexp(z, axis=-1)
+
+  lp = jax.lax.map(chunk, (hc, yc))  # [K, C]
+  return lp.reshape(-1)[:n].reshape(n_rows, t)
+
+
+def nll_sum(cfg: config_lib.ModelConfig, params: dict, h: jax.Array, targets: jax.Array,
+            mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """(sum of masked token NLLs [], per-token NLL [B, T] or None when chunked).
+
+  The per-token NLLs (for per-source metrics) exist only on the unchunked path; the chunked
+  one is `losses.chunked_cross_entropy` (gradients fused into the forward, dW skipped when
+  the output weights are frozen).
+  """
+  mask = mask.astype(jnp.float32)
+  if cfg.logits_chunk > 0:
+    w, transposed = kernel(cfg, params)
+    mean, _ = losses.chunked_cross_entropy(h, w.astype(h.dtype), targets, mask,
+                                           chunk_size=cfg.logits_chunk, transpose=transposed,
+                                           softcap=cfg.final_logit_softcap)
+    return mean * jnp.maximum(jnp.sum(mask), 1.0), None
+  nll = -token_logprobs(cfg, params, h, targets) * mask  # [B, T]
+  return jnp.sum(nll), nll

@@ -1,0 +1,85 @@
+"""`LoraKernel`: the leaf that stands in for a LoRA-adapted kernel inside the base params.
+
+The decoder never mentions LoRA. Like a 4-bit `quant.QArray`, an adapted projection is just
+another kind of kernel leaf, and `layers.linear` dispatches on it (it calls the leaf's
+`linear` method). `Adapters.apply` (see `adapters.py`) builds these leaves for one forward
+pass, replacing each targeted kernel of the base params:
+
+    base    {"layers": {"self_attn": {"q_proj": {"kernel": [L, D, H*Dh], "bias": ...}}}}
+    applied {"layers": {"self_attn": {"q_proj": {"kernel": LoraKernel(w=[L, D, H*Dh],
+                                                                      a=[L, D, r],
+                                                                      b=[L, r, H*Dh],
+                                                                      key=[L, 2] | None),
+                                                  "bias": ...}}}}
+
+Every child keeps the kernel's leading layer axis, so `lax.scan` over `params["layers"]`
+hands each layer its slice (w [D, H*Dh], a [D, r], b [r, H*Dh], key [2]) with no special
+code, and jit / grad / remat see a plain pytree: gradients reach `a` and `b` through the
+leaf. `scale` and `dropout` are static (aux) data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models import layers
+
+
+def _static(default=dataclasses.MISSING):
+  return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraKernel:
+  """A kernel W [..., in, out] plus LoRA factors: y = x @ W + scale * dropout(x) @ a @ b.
+
+  w: the base kernel, a dense array or a `quant.QArray` [..., in, out].
+  a: [..., in, r]; b: [..., r, out] (any storage dtype; cast to x's dtype in `linear`).
+  key: PRNG key(s) for the dropout on the adapter's input ([..., 2] raw or [...] typed,
+    one per layer), or None: no dropout (evaluation, or rate 0).
+  scale: alpha / r (or alpha / sqrt(r) with rsLoRA). dropout: the rate, in [0, 1).
+  """
+  w: Any
+  a: Any
+  b: Any
+  key: Any = None
+  scale: float = _static(1.0)
+  dropout: float = _static(0.0)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """Shape of the base kernel [..., in, out] (what the leaf stands in for)."""
+    return tuple(self.w.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def linear(self, x: jax.Array, *, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., in] -> [..., out]: (x @ w + bias) + scale * (dropout(x) @ a) @ b.
+
+    The base matmul (and bias) is `layers.linear` on `w`, so a QArray base stays 4-bit.
+    With a key and rate > 0, only the adapter's input goes through inverted dropout, as in
+    PEFT: kept inputs are scaled by 1 / (1 - rate), so the expectation is unchanged.
+    """
+    y = layers.linear(x, self.w, bias=bias)
+    a = self.a.astype(x.dtype)  # [in, r]
+    b = self.b.astype(x.dtype)  # [r, out]
+    xl = x
+    if self.dropout > 0 and self.key is not None:
+      keep = 1.0 - self.dropout
+      xl = jnp.where(jax.random.bernoulli(self.key, keep, x.shape), x / keep,
+                     jnp.zeros((), x.dtype))
+    return y + (self.scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", xl, a), b))
+
+
+jax.tree_util.register_dataclass(LoraKernel)
+
+
+def is_lora_kernel(x: Any) -> bool:
+  """`is_leaf` helper: True for LoraKernel nodes, so tree maps can stop at them."""
+  return isinstance(x, LoraKernel)
