@@ -8,14 +8,14 @@ chat sample; the teacher runs frozen inside the step (no gradient).
   python launch/train.py --config=configs/distill.py:runs/teacher/hf --workdir=runs/distill
 
 Loss: forward KL(teacher || student) at T=1 over the assistant tokens (alpha=1: no hard
-cross-entropy); change with --set=method_cfg.distill_kind=reverse_kl|jsd,
-method_cfg.distill_temperature, method_cfg.distill_alpha (weight of the KL term vs CE),
-method_cfg.distill_top_k, method_cfg.teacher_quant=nf4 (4-bit teacher), peft.method=lora
+cross-entropy); change with --set=distill.kind=reverse_kl|jsd,
+distill.temperature, distill.alpha (weight of the KL term vs CE),
+distill.top_k, distill.teacher_quant=nf4 (4-bit teacher), peft.method=lora
 (LoRA student). Without the teacher in memory: write its top-k log-probs once, then
-  python -m jaxtune.train.teacher_logits --config=configs/distill.py:runs/teacher/hf \
+  python launch/teacher_logits.py --config=configs/distill.py:runs/teacher/hf \
       --top_k=32 --out=runs/teacher_top32.safetensors
   python launch/train.py --config=configs/distill.py --workdir=runs/distill_file \
-      --set=method_cfg.teacher_logits_file=runs/teacher_top32.safetensors
+      --set=distill.teacher_logits_file=runs/teacher_top32.safetensors
 (same data settings for both: examples are looked up by their tokens).
 
 metrics.jsonl logs loss, kl_to_teacher, distill, ce; eval adds val_kl_to_teacher. The
@@ -35,6 +35,6 @@ def get_config(arg=None):
       data=config.DataConfig(format="chat", seq_len=128, batch_size=8),
       train=config.LoopConfig(max_steps=20, eval_every=10, eval_batches=0, progress=False),
       checkpoint=config.CheckpointConfig(every_steps=10, keep=1),
-      method_cfg=config.MethodConfig(teacher_path=arg or "", distill_kind="forward_kl",
-                                     distill_temperature=1.0, distill_alpha=1.0),
+      distill=config.DistillConfig(teacher_path=arg or "", kind="forward_kl", temperature=1.0,
+                                   alpha=1.0),
   )

@@ -7,9 +7,9 @@ whole method (one forward for chosen + rejected, frozen reference, reward metric
   python launch/train.py --config=configs/dpo.py:lora,ipo,precomputed --workdir=runs/x
 
 The argument is a comma-separated list of options:
-  sigmoid (default) | ipo | hinge | robust | simpo | orpo     method_cfg.loss_type
+  sigmoid (default) | ipo | hinge | robust | simpo | orpo     dpo.loss_type
   lora | qlora                                                peft.method (rank 8)
-  frozen | adapters_off | precomputed                         method_cfg.reference
+  frozen | adapters_off | precomputed                         dpo.reference
 (default reference: a frozen copy for full fine-tuning, the base with adapters off for
 LoRA). SimPO uses the paper's beta=2.0, gamma=0.5; the others beta=0.1.
 
@@ -47,6 +47,6 @@ def get_config(arg=None):
       data=config.DataConfig(format="preference", seq_len=96, batch_size=8),
       train=config.LoopConfig(max_steps=20, eval_every=10, eval_batches=0, progress=False),
       checkpoint=config.CheckpointConfig(every_steps=10, keep=1),
-      method_cfg=config.MethodConfig(loss_type=loss_type, beta=2.0 if simpo else 0.1,
-                                     simpo_gamma=0.5, reference=reference),
+      dpo=config.DpoConfig(loss_type=loss_type, beta=2.0 if simpo else 0.1, simpo_gamma=0.5,
+                           reference=reference),
   )

@@ -1,8 +1,9 @@
 """Orbax checkpoints of a run: TrainState, data position, resolved config and provenance.
 
-Each checkpoint is one orbax step directory with three items: `state` (the TrainState as a
-dict: step, trainable params or adapters, optimizer state, rng), `data` (the loader's
-position, JSON) and `meta` (the resolved config and the data/tokenizer fingerprint, JSON).
+Each checkpoint is one orbax step directory with three items: `state` (a plain tree; a run
+saves its TrainState as {step, trainable, opt_state, rng}), `data` (the loader's position,
+JSON) and `meta` (the resolved config and the data/tokenizer fingerprint, JSON). This module
+takes and returns plain trees and imports nothing from the trainer.
 Orbax writes a step into a temporary directory and renames it only once every item is
 complete on every host, so an interrupted save is never listed as a resume point.
 """
@@ -11,10 +12,7 @@ from __future__ import annotations
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
-
-from jaxtune.train import state as state_lib
 
 
 class Checkpointer:
@@ -33,19 +31,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mngr.all_steps())
 
-  def save(self, step: int, state: state_lib.TrainState, data_state: dict, meta: dict) -> None:
+  def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
+    """Saves the tree `state` with the loader position and meta (async unless disabled)."""
     self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state.to_dict()),
+        state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
 
-  def restore(self, step: int, abstract_state: state_lib.TrainState):
-    """(state, data_state, meta) at `step`, placed per the shardings in abstract_state."""
+  def restore(self, step: int, abstract_state: dict):
+    """(state tree, data_state, meta) at `step`, placed per the ShapeDtypeStruct shardings
+    of `abstract_state`."""
     out = self._mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state.to_dict()),
+        state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    return state_lib.TrainState.from_dict(out["state"]), out["data"], out["meta"]
+    return out["state"], out["data"], out["meta"]
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()
@@ -53,6 +53,11 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def is_run(path: str) -> bool:
+  """True for a run's workdir (or a `launch/convert.py --from_hf` output) with checkpoints."""
+  return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
 def read(path: str, step: int | None = None):
@@ -71,9 +76,3 @@ def read(path: str, step: int | None = None):
   restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mngr.close()
   return restored["state"]["trainable"], meta
-
-
-def abstract(tree, shardings):
-  """ShapeDtypeStructs with shardings: the restore target for `tree`'s structure."""
-  return jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -59,6 +59,7 @@ class ModelConfig:
   qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
   max_position_embeddings: int = 2048
   sliding_window: int = 0  # 0 = full attention
+  final_logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap) (models/head.py)
   bos_token_id: int = -1
   eos_token_id: tuple[int, ...] = ()
   pad_token_id: int = -1
@@ -110,7 +111,7 @@ class PeftConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with warmup and decay; no weight decay on norms, biases and embeddings' norms."""
+  """AdamW with warmup and decay; no weight decay on norms and biases (see train/optim.py)."""
   lr: float = 3e-3
   schedule: str = "cosine"  # cosine | linear | constant
   warmup_steps: int = 20
@@ -171,20 +172,35 @@ class LoopConfig:
   progress: bool = True
 
 
+# One section per training method (`--set=dpo.beta=0.2`). The allowed values of each
+# option are owned by the method's module (`jaxtune/methods/NAME.py`), which checks them in
+# `Method.check` before any data or weights are touched.
+
+
 @dataclasses.dataclass(frozen=True)
-class MethodConfig:
-  """Hyperparameters of the preference / distillation methods (method != 'sft')."""
+class DpoConfig:
+  """method=dpo: DPO-family preference losses (see jaxtune/methods/dpo.py)."""
+  loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo
   beta: float = 0.1
-  loss_type: str = "sigmoid"
   label_smoothing: float = 0.0
   simpo_gamma: float = 0.5
   reference: str = "frozen"  # frozen | adapters_off | precomputed
-  reward_margin: bool = False
-  distill_kind: str = "forward_kl"
-  distill_temperature: float = 1.0
-  distill_beta: float = 0.5
-  distill_alpha: float = 1.0  # weight of the distillation term vs. cross-entropy
-  distill_top_k: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  """method=reward: a Bradley-Terry scalar reward model (see jaxtune/methods/reward.py)."""
+  margin: bool = False  # subtract a per-pair margin from the score difference
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """method=distill: a student matching a frozen teacher (see jaxtune/methods/distill.py)."""
+  kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+  temperature: float = 1.0
+  beta: float = 0.5  # JSD mixing weight
+  alpha: float = 1.0  # weight of the distillation term vs. cross-entropy
+  top_k: int = 0
   teacher_path: str = ""
   teacher_logits_file: str = ""
   teacher_quant: str = "none"  # none | nf4 | int4
@@ -192,7 +208,7 @@ class MethodConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  method: str = "sft"  # sft | dpo | reward | distill
+  method: str = "sft"  # a name in jaxtune.methods.METHODS: sft | dpo | reward | distill
   model: ModelConfig = ModelConfig()
   peft: PeftConfig = PeftConfig()
   optim: OptimConfig = OptimConfig()
@@ -200,7 +216,9 @@ class TrainConfig:
   data: DataConfig = DataConfig()
   train: LoopConfig = LoopConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
-  method_cfg: MethodConfig = MethodConfig()
+  dpo: DpoConfig = DpoConfig()
+  reward: RewardConfig = RewardConfig()
+  distill: DistillConfig = DistillConfig()
 
 
 def _parse_value(key: str, text: str, typ: Any) -> Any:
@@ -263,15 +281,14 @@ def _set(obj, full_key: str, parts: list[str], text: str):
   return dataclasses.replace(obj, **{head: _parse_value(full_key, text, typ)})
 
 
+# Options whose values no registry owns. `method`, `model.family`, `peft.method` and the
+# method sections are checked by their registries / modules (jaxtune.methods.check).
 _CHOICES = {
-    "method": ("sft", "dpo", "reward", "distill"),
-    "model.family": ("llama", "mistral", "qwen2", "qwen3"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch", "offload"),
     "model.attention": ("auto", "xla", "cudnn", "pallas"),
     "model.rope_scaling.kind": ("none", "llama3", "linear"),
-    "peft.method": ("none", "lora", "qlora"),
     "peft.quant_method": ("nf4", "int4"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("auto", "text", "chat", "instruction", "prompt_completion", "preference",
@@ -279,9 +296,6 @@ _CHOICES = {
     "data.loss_policy": ("auto", "assistant", "last_assistant", "all", "completion"),
     "data.truncation": ("error", "truncate_right", "truncate_left", "drop"),
     "data.on_bad_record": ("error", "skip"),
-    "method_cfg.reference": ("frozen", "adapters_off", "precomputed"),
-    "method_cfg.distill_kind": ("forward_kl", "reverse_kl", "jsd"),
-    "method_cfg.teacher_quant": ("none", "nf4", "int4"),
 }
 
 
@@ -291,12 +305,20 @@ def _get(cfg, key: str):
   return cfg
 
 
+def check_choice(key: str, value, choices) -> None:
+  """Raises the one-line ConfigError naming `key` unless `value` is one of `choices`."""
+  if value not in choices:
+    raise ConfigError(f"bad value for {key}: {value!r} (expected one of "
+                      f"{', '.join(map(str, choices))})")
+
+
 def validate(cfg: TrainConfig) -> None:
-  """Raises ConfigError naming the first key whose value is out of range."""
+  """Raises ConfigError naming the first key whose value is out of range.
+
+  Generic settings only; `jaxtune.methods.check(cfg)` adds the method, family and PEFT
+  checks owned by their modules."""
   for key, choices in _CHOICES.items():
-    val = _get(cfg, key)
-    if val not in choices:
-      raise ConfigError(f"bad value for {key}: {val!r} (expected one of {', '.join(choices)})")
+    check_choice(key, _get(cfg, key), choices)
   positive = ["train.max_steps", "data.seq_len", "data.batch_size", "optim.grad_accum",
               "checkpoint.every_steps", "checkpoint.keep", "train.log_every", "peft.rank"]
   for key in positive:
@@ -313,9 +335,33 @@ def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
 
 
+# Checkpoints written before the method sections existed hold one flat `method_cfg` bag.
+_LEGACY_METHOD_CFG = {
+    "beta": ("dpo", "beta"), "loss_type": ("dpo", "loss_type"),
+    "label_smoothing": ("dpo", "label_smoothing"), "simpo_gamma": ("dpo", "simpo_gamma"),
+    "reference": ("dpo", "reference"), "reward_margin": ("reward", "margin"),
+    "distill_kind": ("distill", "kind"), "distill_temperature": ("distill", "temperature"),
+    "distill_beta": ("distill", "beta"), "distill_alpha": ("distill", "alpha"),
+    "distill_top_k": ("distill", "top_k"), "teacher_path": ("distill", "teacher_path"),
+    "teacher_logits_file": ("distill", "teacher_logits_file"),
+    "teacher_quant": ("distill", "teacher_quant"),
+}
+
+
+def _migrate(d: dict) -> dict:
+  """A TrainConfig dict with a legacy `method_cfg` bag split into the method sections."""
+  d = dict(d)
+  for key, value in (d.pop("method_cfg", None) or {}).items():
+    section, name = _LEGACY_METHOD_CFG[key]
+    d[section] = {**d.get(section, {}), name: value}
+  return d
+
+
 def from_dict(cls, d: dict):
   """Inverse of to_dict for nested frozen dataclasses (unknown keys are errors)."""
   hints = _field_types(cls)
+  if cls is TrainConfig:
+    d = _migrate(d)
   kwargs = {}
   for k, v in d.items():
     if k not in hints:

@@ -104,6 +104,7 @@ def _jax_worker(spec: dict) -> dict:
   from jaxtune import quant
   from jaxtune import sharding
   from jaxtune.peft import lora
+  from jaxtune.train import loop
   from jaxtune.train import setup
   model_cfg = shape_cfg(spec["shape"], spec)
   method = spec["method"]
@@ -128,7 +129,7 @@ def _jax_worker(spec: dict) -> dict:
                                    "whole_base": total / model_cfg.num_params()}
   run = setup.build(cfg, mesh, params, model_cfg, adapters=adapters, adapter_axes=adapter_axes)
   del params
-  batch = setup.global_batch(make_batch(spec, model_cfg.vocab_size), run.batch_sharding)
+  batch = loop.device_batch(make_batch(spec, model_cfg.vocab_size), run.batch_sharding)
   if jax.default_backend() == "gpu":
     text = run.train_step.lower(run.state, run.frozen, batch).as_text()
     out["cudnn_attention_calls"] = text.count("__cudnn$fmha")

@@ -51,7 +51,7 @@ def main(argv):
     if not FLAGS.to_hf:
       raise app.UsageError("--from_checkpoint needs --to_hf")
     out = convert.checkpoint_to_hf(FLAGS.from_checkpoint, FLAGS.to_hf, step=FLAGS.step,
-                                   merge_lora=FLAGS.merge_lora, peft=FLAGS.peft,
+                                   merge_lora=FLAGS.merge_lora, peft_adapter=FLAGS.peft,
                                    dtype=FLAGS.dtype)
   common.print_once(f"wrote {out}")
 

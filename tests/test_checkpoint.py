@@ -1,4 +1,4 @@
-"""Orbax checkpoints: exact round trip of a sharded TrainState, keep-N, torn saves ignored."""
+"""Orbax checkpoints: exact round trip of a sharded state tree, keep-N, torn saves ignored."""
 
 import os
 
@@ -10,7 +10,6 @@ from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import sharding
 from jaxtune.models import decoder
-from jaxtune.train import state as state_lib
 
 MODEL = config_lib.ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                                num_kv_heads=2, head_dim=8)
@@ -20,8 +19,8 @@ def _state(seed, mesh):
   params = decoder.init(MODEL, jax.random.PRNGKey(seed))
   params = jax.device_put(params, sharding.tree_shardings(mesh, decoder.axes(MODEL), params))
   opt = {"mu": jax.tree_util.tree_map(lambda x: x * 0.5, params), "count": jnp.array(seed)}
-  return state_lib.TrainState(step=jnp.array(seed, jnp.int32), trainable=params, opt_state=opt,
-                              rng=jax.random.PRNGKey(seed + 100))
+  return {"step": jnp.array(seed, jnp.int32), "trainable": params, "opt_state": opt,
+          "rng": jax.random.PRNGKey(seed + 100)}
 
 
 def test_round_trip_keep_n_and_torn_saves(tmp_path):

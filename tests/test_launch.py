@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import jaxtune
-from jaxtune import convert
+from jaxtune import weights
 from tests import hf_models
 from tests import launch_utils as lu
 
@@ -45,7 +45,8 @@ def test_run_writes_metrics_checkpoints_and_hf_export(trained):
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
   tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
   assert tok.chat_template
-  cfg, params = convert.load_params(trained)
+  w = weights.load(trained)
+  cfg, params = w.model_cfg, w.params
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 21)).astype(np.int32)
   np.testing.assert_allclose(hf_models.logits(model, tokens),
                              np.asarray(jaxtune.forward(cfg, params, tokens)), atol=1e-4)

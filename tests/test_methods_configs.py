@@ -41,12 +41,12 @@ def runs(tmp_path_factory):
 
 def test_recipe_options_are_checked():
   cfg = load_recipe("dpo", "lora,simpo")
-  assert (cfg.peft.method, cfg.method_cfg.loss_type, cfg.method_cfg.reference) == (
+  assert (cfg.peft.method, cfg.dpo.loss_type, cfg.dpo.reference) == (
       "lora", "simpo", "adapters_off")
-  assert cfg.method_cfg.beta == 2.0
+  assert cfg.dpo.beta == 2.0
   with pytest.raises(ValueError, match="unknown option"):
     load_recipe("dpo", "kto")
-  assert load_recipe("distill", "/some/teacher").method_cfg.teacher_path == "/some/teacher"
+  assert load_recipe("distill", "/some/teacher").distill.teacher_path == "/some/teacher"
 
 
 def _rows(wd):

@@ -13,11 +13,10 @@ from jaxtune import quant
 from jaxtune import tree
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
-from jaxtune.train import distill
+from jaxtune.methods import distill
 from jaxtune.train import loop
-from jaxtune.train import methods
 from jaxtune.train import setup
-from jaxtune.train import teacher_logits
+from tests import launch_utils as lu
 from tests import test_methods_dpo as dpo_tests
 
 TEACHER = config_lib.ModelConfig(vocab_size=512, hidden_size=48, intermediate_size=96,
@@ -50,11 +49,11 @@ def tiny_cfg(teacher, **kw):
       optim=config_lib.OptimConfig(lr=1e-2, warmup_steps=2, schedule="constant"),
       data=config_lib.DataConfig(seq_len=64, batch_size=16),
       train=config_lib.LoopConfig(max_steps=40, progress=False),
-      method_cfg=config_lib.MethodConfig(teacher_path=teacher, **kw))
+      distill=config_lib.DistillConfig(teacher_path=teacher, **kw))
 
 
 def test_student_halves_held_out_kl_and_teacher_stays_frozen(teacher_dir):
-  job = methods.prepare(tiny_cfg(teacher_dir), mesh=dpo_tests.one_device_mesh())
+  job = setup.prepare(tiny_cfg(teacher_dir), mesh=dpo_tests.one_device_mesh())
   run = job.run
   teacher0 = dpo_tests.host(run.frozen["teacher"])
   assert teacher0["embed_tokens"]["embedding"].shape[1] == 48  # a different size
@@ -72,7 +71,7 @@ def test_student_halves_held_out_kl_and_teacher_stays_frozen(teacher_dir):
   kl = (np.exp(p) * (p - q)).sum(-1)
   m = batch["loss_mask"]
   out = dpo_tests.host(run.eval_step(run.state.trainable, run.frozen,
-                                     setup.global_batch(batch, run.batch_sharding)))
+                                     loop.device_batch(batch, run.batch_sharding)))
   np.testing.assert_allclose(out["kl_to_teacher"][0] / out["kl_to_teacher"][1],
                              (kl * m).sum() / m.sum(), rtol=1e-5)
   assert out["loss"][1] == m.sum()
@@ -89,11 +88,11 @@ def test_student_halves_held_out_kl_and_teacher_stays_frozen(teacher_dir):
 
 
 def test_lora_student_with_4bit_teacher_sharded_by_its_own_axes(teacher_dir):
-  cfg = tiny_cfg(teacher_dir, peft="lora", teacher_quant="nf4", distill_kind="jsd",
-                 distill_beta=0.5, distill_alpha=0.5, distill_temperature=2.0, distill_top_k=32)
+  cfg = tiny_cfg(teacher_dir, peft="lora", teacher_quant="nf4", kind="jsd",
+                 beta=0.5, alpha=0.5, temperature=2.0, top_k=32)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]).reshape(1, 2, 1), ("data", "fsdp",
                                                                           "tensor"))
-  job = methods.prepare(cfg, mesh=mesh)  # fsdp=2
+  job = setup.prepare(cfg, mesh=mesh)  # fsdp=2
   run = job.run
   t = tree.flatten(run.frozen["teacher"])
   assert isinstance(t["layers/mlp/up_proj/kernel"], quant.QArray)
@@ -114,24 +113,24 @@ def test_precomputed_top_k_file_matches_the_in_step_teacher(teacher_dir, tmp_pat
   k = 16
   path = str(tmp_path / "teacher_top16.safetensors")
   # The tool, as from the command line, with the data settings of the run below.
-  teacher_logits.main([f"--config=configs/distill.py:{teacher_dir}", f"--out={path}",
-                       f"--top_k={k}", "--set=data.seq_len=128"])
-  cfg = tiny_cfg("", teacher_logits_file=path, distill_top_k=k)
+  lu.run("teacher_logits.py", f"--config=configs/distill.py:{teacher_dir}", f"--out={path}",
+         f"--top_k={k}", "--set=data.seq_len=128")
+  cfg = tiny_cfg("", teacher_logits_file=path, top_k=k)
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=128))
-  job = methods.prepare(cfg, mesh=dpo_tests.one_device_mesh())
+  job = setup.prepare(cfg, mesh=dpo_tests.one_device_mesh())
   run = job.run
   assert set(run.frozen) == {distill.TABLE}  # no teacher weights on the devices
   assert run.frozen[distill.TABLE]["ids"].shape[1] == k
   # Same student, same packed eval batches: the file gives the in-step teacher's top-k loss.
-  with_teacher = tiny_cfg(teacher_dir, distill_top_k=k)
+  with_teacher = tiny_cfg(teacher_dir, top_k=k)
   t_cfg = distill.teacher_config(with_teacher)
-  t_params = distill.load_teacher(with_teacher, t_cfg, run.mesh)
-  in_step = jax.jit(distill.make_objective(run.model_cfg, t_cfg, with_teacher.method_cfg,
+  t_params = distill.load_teacher(with_teacher, run.mesh)
+  in_step = jax.jit(distill.make_objective(run.model_cfg, t_cfg, with_teacher.distill,
                                            vocab=512))
   batches = job.data.eval + [next(job.data.train) for _ in range(2)]
   assert max(b["segment_ids"].max() for b in batches) > 1  # packed rows
   for batch in batches:
-    b = setup.global_batch(batch, run.batch_sharding)
+    b = loop.device_batch(batch, run.batch_sharding)
     got = dpo_tests.host(run.eval_step(run.state.trainable, run.frozen, b))
     want_sum, (n, _) = in_step(run.state.trainable, {"teacher": t_params}, b, None)
     assert got["teacher/missing"][0] == 0
@@ -153,5 +152,5 @@ def test_distill_config_errors(teacher_dir, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="does not cover the tokenizer"):
     distill.common_vocab(student, distill.teacher_config(tiny_cfg(small)), [0] * 512)
   # A loss mixing weight outside [0, 1] is named.
-  with pytest.raises(config_lib.ConfigError, match="distill_alpha"):
-    distill.check(tiny_cfg(teacher_dir, distill_alpha=1.5))
+  with pytest.raises(config_lib.ConfigError, match="distill.alpha"):
+    distill.check(tiny_cfg(teacher_dir, alpha=1.5))

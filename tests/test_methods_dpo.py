@@ -16,9 +16,9 @@ from jaxtune import losses
 from jaxtune import sharding
 from jaxtune import tree
 from jaxtune.models import decoder
-from jaxtune.train import dpo
+from jaxtune.methods import dpo
 from jaxtune.train import loop
-from jaxtune.train import methods
+from jaxtune import methods
 from jaxtune.train import setup
 
 GOOD = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
@@ -59,7 +59,7 @@ def tiny_cfg(data_files, **method) -> config_lib.TrainConfig:
       data=config_lib.DataConfig(train_files=train, eval_files=held_out, seq_len=48,
                                  batch_size=16),
       train=config_lib.LoopConfig(max_steps=30, progress=False),
-      method_cfg=config_lib.MethodConfig(**method))
+      dpo=config_lib.DpoConfig(**method))
 
 
 def one_device_mesh():
@@ -73,7 +73,7 @@ def host(t):
 def run_steps(job, state, n):
   run, rows = job.run, []
   for _ in range(n):
-    batch = setup.global_batch(next(job.data.train), run.batch_sharding)
+    batch = loop.device_batch(next(job.data.train), run.batch_sharding)
     state, m = run.train_step(state, run.frozen, batch)
     rows.append({k: float(v) for k, v in m.items()})
   return state, rows
@@ -82,7 +82,7 @@ def run_steps(job, state, n):
 def eval_batch(job, state, batch):
   """{name: mean over the batch's valid pairs} from the job's jitted eval step."""
   out = host(job.run.eval_step(state.trainable, job.run.frozen,
-                               setup.global_batch(batch, job.run.batch_sharding)))
+                               loop.device_batch(batch, job.run.batch_sharding)))
   n = float(out["loss"][1])
   assert n == np.all(batch["loss_mask"].sum(-1) > 0, -1).sum()
   return {k: float(s) / n for k, (s, _) in out.items()}
@@ -110,7 +110,7 @@ def numpy_seq_logps(model_cfg, params, batch, lora=None):
 
 @pytest.fixture(scope="module")
 def full_job(data_files):
-  return methods.prepare(tiny_cfg(data_files), mesh=one_device_mesh())
+  return setup.prepare(tiny_cfg(data_files), mesh=one_device_mesh())
 
 
 def test_objective_masks_the_prompt_and_matches_the_library_losses(full_job):
@@ -134,17 +134,17 @@ def test_objective_masks_the_prompt_and_matches_the_library_losses(full_job):
   np.testing.assert_allclose(got["logps/rejected"], lp[:, 1].mean(), rtol=1e-5)
   # Every loss type, one jit: the objective against the library loss on numpy log-probs.
   types = ("ipo", "hinge", "robust", "simpo", "orpo")
-  mcs = {lt: dataclasses.replace(job.cfg.method_cfg, loss_type=lt,
+  mcs = {lt: dataclasses.replace(job.cfg.dpo, loss_type=lt,
                                  label_smoothing=0.1 if lt == "robust" else 0.0) for lt in types}
   objs = {lt: dpo.make_objective(run.model_cfg, mcs[lt], dpo.reference_mode(
-      dataclasses.replace(job.cfg, method_cfg=mcs[lt]))) for lt in types}
-  b = setup.global_batch(batch, run.batch_sharding)
+      dataclasses.replace(job.cfg, dpo=mcs[lt]))) for lt in types}
+  b = loop.device_batch(batch, run.batch_sharding)
   out = jax.jit(lambda p, f, b: {lt: o(p, f, b, None) for lt, o in objs.items()})(
       state.trainable, run.frozen, b)
-  beta = job.cfg.method_cfg.beta
+  beta = job.cfg.dpo.beta
   want = {"ipo": (1 / (2 * beta)) ** 2, "hinge": 1.0, "robust": math.log(2),  # h = 0 at init
           "simpo": float(losses.simpo_loss(avg[:, 0], avg[:, 1], beta=beta,
-                                           gamma=job.cfg.method_cfg.simpo_gamma)[0]),
+                                           gamma=job.cfg.dpo.simpo_gamma)[0]),
           "orpo": float(losses.orpo_loss(avg[:, 0], avg[:, 1], -avg[:, 0], beta=beta)[0])}
   for lt in types:
     loss_sum, (n, _) = out[lt]
@@ -182,7 +182,7 @@ def test_dpo_raises_held_out_accuracy_and_keeps_reference_bit_identical(full_job
 
 
 def test_lora_adapters_off_reference_starts_at_log2_and_trains(data_files):
-  job = methods.prepare(tiny_cfg(data_files, peft="lora"), mesh=one_device_mesh())
+  job = setup.prepare(tiny_cfg(data_files, peft="lora"), mesh=one_device_mesh())
   run = job.run
   assert set(run.frozen) == {"base"}  # no second copy of the weights
   assert dpo.reference_mode(job.cfg) == "adapters_off"
@@ -206,7 +206,7 @@ def test_lora_adapters_off_reference_starts_at_log2_and_trains(data_files):
 
 def test_precomputed_reference_equals_frozen_reference(data_files):
   cfg = tiny_cfg(data_files, reference="precomputed")
-  job = methods.prepare(cfg, mesh=one_device_mesh())
+  job = setup.prepare(cfg, mesh=one_device_mesh())
   run = job.run
   table = host(run.frozen["ref_table"])
   assert set(run.frozen) == {"ref_table"}  # no copy of the weights
@@ -215,11 +215,11 @@ def test_precomputed_reference_equals_frozen_reference(data_files):
   state, rows = run_steps(job, run.state, 4)
   assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
   assert all(r["ref/missing"] == 0 for r in rows)
-  frozen_obj = jax.jit(dpo.make_objective(run.model_cfg, cfg.method_cfg, "frozen"))
+  frozen_obj = jax.jit(dpo.make_objective(run.model_cfg, cfg.dpo, "frozen"))
   for batch in job.data.eval:
     got = eval_batch(job, state, batch)
     want_sum, (n, want_m) = frozen_obj(state.trainable, {"ref": init},
-                                       setup.global_batch(batch, run.batch_sharding), None)
+                                       loop.device_batch(batch, run.batch_sharding), None)
     assert got["ref/missing"] == 0
     np.testing.assert_allclose(got["loss"], float(want_sum / n), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["rewards/margin"], float(want_m["rewards/margin"][0] / n),
@@ -230,8 +230,8 @@ def test_chunked_logits_give_the_same_loss_and_grads(full_job):
   """model.logits_chunk > 0 never builds [2B, T, V] logits; values and grads are the same."""
   run = full_job.run
   ref = run.frozen["ref"]  # never donated: safe whatever ran before
-  batch = setup.global_batch(full_job.data.eval[0], run.batch_sharding)
-  mc = dataclasses.replace(full_job.cfg.method_cfg, loss_type="ipo")  # needs avg log-probs too
+  batch = loop.device_batch(full_job.data.eval[0], run.batch_sharding)
+  mc = dataclasses.replace(full_job.cfg.dpo, loss_type="ipo")  # needs avg log-probs too
 
   def loss_and_grads(model_cfg):
     obj = dpo.make_objective(model_cfg, mc, "frozen")
@@ -250,7 +250,7 @@ def test_objective_sums_add_over_micro_batches_and_ignore_padding_rows(full_job)
   and all-padding rows (the tail of the last eval batch) contribute nothing."""
   run = full_job.run
   ref = run.frozen["ref"]
-  obj = jax.jit(dpo.make_objective(run.model_cfg, full_job.cfg.method_cfg, "frozen"))
+  obj = jax.jit(dpo.make_objective(run.model_cfg, full_job.cfg.dpo, "frozen"))
   # A policy away from the reference, so every term is non-trivial.
   policy = jax.tree_util.tree_map(lambda x: x * 1.01, ref)
   host_batch = full_job.data.eval[0]
@@ -271,5 +271,5 @@ def test_objective_sums_add_over_micro_batches_and_ignore_padding_rows(full_job)
 def test_bad_settings_are_config_errors(data_files):
   with pytest.raises(config_lib.ConfigError, match="adapters_off needs peft"):
     dpo.reference_mode(tiny_cfg(data_files, reference="adapters_off"))
-  with pytest.raises(config_lib.ConfigError, match="method_cfg.loss_type"):
+  with pytest.raises(config_lib.ConfigError, match="dpo.loss_type"):
     dpo.reference_mode(tiny_cfg(data_files, loss_type="kto"))

@@ -7,7 +7,7 @@ import pytest
 
 from jaxtune.data import encode
 from jaxtune.data import packing
-from jaxtune.train import content_keys
+from jaxtune.methods import content_keys
 
 
 def test_segment_keys_equal_row_keys_and_find_them():

@@ -16,9 +16,8 @@ from jaxtune import tree
 from jaxtune.hf import reward as hf_reward
 from jaxtune.peft import lora
 from jaxtune.train import loop
-from jaxtune.train import methods
-from jaxtune.train import preference  # noqa: F401  (registers the reward method)
-from jaxtune.train import reward
+from jaxtune import methods
+from jaxtune.methods import reward
 from jaxtune.train import setup
 from tests import hf_models
 from tests import test_methods_dpo as dpo_tests
@@ -71,7 +70,7 @@ def check_export(job_like, state, out_dir, batch):
 
 
 def test_reward_model_learns_held_out_preferences_and_exports_to_hf(data_files, tmp_path):
-  job = methods.prepare(tiny_cfg(data_files), mesh=dpo_tests.one_device_mesh())
+  job = setup.prepare(tiny_cfg(data_files), mesh=dpo_tests.one_device_mesh())
   run = job.run
   assert reward.HEAD in run.state.trainable
   head0 = np.asarray(run.state.trainable[reward.HEAD]["kernel"])
@@ -104,11 +103,11 @@ def _ctx(job):
 
 def test_lora_reward_trains_adapters_and_head_and_exports(data_files, tmp_path):
   cfg = tiny_cfg(data_files, peft="lora")
-  # What methods.prepare does with the hook: the head joins the adapter tree.
+  # What setup.prepare does with the hook: the head joins the adapter tree.
   mesh = dpo_tests.one_device_mesh()
   tok = data_lib.tokenizer_from_config(cfg)
   ds = data_lib.build(cfg.data, tok, kind="preference")
-  model_cfg, params = methods.load_weights(cfg, mesh, tok)
+  model_cfg, params = setup.load_weights(cfg, mesh, tok)
   adapters = lora.init_from_config(model_cfg, params, cfg.peft, key=jax.random.PRNGKey(2))
   ctx = methods.Context(cfg=cfg, model_cfg=model_cfg, mesh=mesh, params=params,
                         adapters=adapters, tokenizer=tok, data=ds)
@@ -117,14 +116,14 @@ def test_lora_reward_trains_adapters_and_head_and_exports(data_files, tmp_path):
   axes = {**lora.axes(model_cfg, dataclasses.replace(adapters, params={
       "layers": adapters.params["layers"]})).params, **extra_axes}
   ctx = dataclasses.replace(ctx, adapters=adapters)
-  obj = reward.make_objective(model_cfg, cfg.method_cfg, lora_scale=adapters.scale)
+  obj = reward.make_objective(model_cfg, cfg.reward, adapters=adapters)
   run = setup.build(cfg, mesh, params, model_cfg, objective=obj, adapters=adapters,
                     adapter_axes=axes)
   base = jax.tree_util.tree_map(np.asarray, params)
   init = tree.flatten(jax.tree_util.tree_map(np.asarray, run.state.trainable))
   state = run.state
   for _ in range(20):
-    state, m = run.train_step(state, run.frozen, setup.global_batch(next(ds.train),
+    state, m = run.train_step(state, run.frozen, loop.device_batch(next(ds.train),
                                                                    run.batch_sharding))
   trained = tree.flatten(jax.tree_util.tree_map(np.asarray, state.trainable))
   assert not np.array_equal(trained["score/kernel"], init["score/kernel"])

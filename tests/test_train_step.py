@@ -12,7 +12,9 @@ from jaxtune import config as config_lib
 from jaxtune import sharding
 from jaxtune import tree
 from jaxtune.models import decoder
-from jaxtune.train import objectives
+from jaxtune import weights
+from jaxtune.methods import sft
+from jaxtune.train import loop
 from jaxtune.train import setup
 from jaxtune.train import step as step_lib
 
@@ -37,7 +39,7 @@ def _batch(model_cfg, b=8, t=32, seed=0):
 
 
 def _loss_and_grads(model_cfg, params, batch, mesh):
-  obj = objectives.sft(model_cfg, constrain=sharding.constrainer(mesh))
+  obj = sft.make_objective(model_cfg, constrain=sharding.constrainer(mesh))
   fn = jax.jit(jax.value_and_grad(lambda p, b: (lambda o: o[0] / o[1][0])(obj(p, {}, b, None))))
   return fn(params, batch)
 
@@ -74,15 +76,15 @@ def _small_cfg(**train):
 
 def _run(cfg, devices=None):
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  model_cfg, params = setup.load_model(cfg, mesh)
-  return setup.build(cfg, mesh, params, model_cfg)
+  w = weights.load("", mesh=mesh, base=cfg.model, seed=cfg.train.seed)
+  return setup.build(cfg, mesh, w.params, w.model_cfg)
 
 
 def test_step_is_traced_once_over_five_steps():
   cfg = _small_cfg()
   run = _run(cfg)
   traces = []
-  inner = objectives.sft(run.model_cfg)
+  inner = sft.make_objective(run.model_cfg)
 
   def counting(*args):
     traces.append(1)
@@ -91,7 +93,7 @@ def test_step_is_traced_once_over_five_steps():
   run2 = setup.build(cfg, run.mesh, run.state.trainable, run.model_cfg, objective=counting)
   state = run2.state
   for i in range(5):
-    batch = setup.global_batch(_batch(run.model_cfg, t=16, seed=i), run2.batch_sharding)
+    batch = loop.device_batch(_batch(run.model_cfg, t=16, seed=i), run2.batch_sharding)
     state, metrics = jax.block_until_ready(run2.train_step(state, run2.frozen, batch))
   assert int(state.step) == 5
   assert len(traces) == 1
@@ -106,7 +108,7 @@ def test_grad_accumulation_equals_full_batch():
   for cfg in (base, acc):
     run = _run(cfg)
     state, metrics = run.train_step(run.state, run.frozen,
-                                    setup.global_batch(batch, run.batch_sharding))
+                                    loop.device_batch(batch, run.batch_sharding))
     results.append((metrics, state.opt_state))
   (m1, o1), (m4, o4) = results
   np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
@@ -123,7 +125,7 @@ def test_overfits_eight_examples():
   cfg = _small_cfg(optim=config_lib.OptimConfig(lr=3e-3, warmup_steps=5, schedule="constant"),
                    train=config_lib.LoopConfig(max_steps=200))
   run = _run(cfg, jax.devices()[:1])
-  batch = setup.global_batch(_batch(run.model_cfg, t=16, seed=7), run.batch_sharding)
+  batch = loop.device_batch(_batch(run.model_cfg, t=16, seed=7), run.batch_sharding)
   state = run.state
   for _ in range(200):
     state, metrics = jax.block_until_ready(run.train_step(state, run.frozen, batch))
@@ -144,8 +146,8 @@ def test_schedule_warmup_and_decay():
 def test_optimizer_state_is_sharded_like_params():
   cfg = config_lib.TrainConfig(model=BIG, mesh=config_lib.MeshConfig(fsdp=4, tensor=2))
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, params = setup.load_model(cfg, mesh)
-  run = setup.build(cfg, mesh, params, model_cfg)
+  w = weights.load("", mesh=mesh, base=cfg.model, seed=cfg.train.seed)
+  run = setup.build(cfg, mesh, w.params, w.model_cfg)
   big = [(jax.tree_util.keystr(p), x) for p, x in
          jax.tree_util.tree_leaves_with_path(run.state.opt_state) if x.size >= 1_000_000]
   assert len(big) >= 6  # Adam's mu and nu of each large weight

@@ -1,25 +1,38 @@
-"""Building a run's device-side pieces: model weights on the mesh, state, frozen tree, steps.
+"""From a TrainConfig to a ready job: checks, mesh, tokenizer, data, weights, method, steps.
 
-Kept apart from the host loop (`loop.py`) so tests and other drivers (bench, eval) build
-exactly what training runs: the same shardings, the same jitted step.
+    job = setup.prepare(cfg)        # what launch/train.py runs before the loop
+    run = setup.build(cfg, mesh, params, model_cfg, objective=..., adapters=...)
+
+`prepare` runs `methods.check(cfg)` first (seconds, before data or weights are touched),
+then builds the data for the method's data kind, loads the weights (`jaxtune.weights`),
+initialises the PEFT adapters, and asks the method for its frozen trees and objective.
+PEFT (`peft.method`) decides what is trainable:
+
+    none   trainable = params                       frozen = {}
+    lora   trainable = adapters (A, B per module)   frozen = {"base": params}
+    qlora  as lora, with the base projections as 4-bit QArrays (quantised on load)
+
+`build` makes the device side: state, frozen tree and the jitted steps with explicit
+shardings and donation. Tests and `launch/bench.py` call it directly, so they run exactly
+what training runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from jaxtune import config as config_lib
+from jaxtune import data as data_lib
+from jaxtune import methods
+from jaxtune import peft
 from jaxtune import sharding
-from jaxtune.hf import io as hf_io
-from jaxtune.models import decoder
-from jaxtune.train import objectives
+from jaxtune import weights
+from jaxtune.methods import sft
 from jaxtune.train import optim
 from jaxtune.train import state as state_lib
 from jaxtune.train import step as step_lib
@@ -28,48 +41,101 @@ from jaxtune.train import step as step_lib
 @dataclasses.dataclass
 class Run:
   """Everything a loop needs on the device side."""
-  cfg: config_lib.TrainConfig
   model_cfg: config_lib.ModelConfig
   mesh: jax.sharding.Mesh
-  state: state_lib.TrainState
+  state: state_lib.TrainState  # the current state (the loop keeps it up to date)
   frozen: dict
-  lora_scale: float | None
   train_step: Any  # jitted (state, frozen, batch) -> (state, metrics)
   eval_step: Any  # jitted (trainable, frozen, batch) -> {name: (sum, count)}
-  schedule: Any
   batch_sharding: Any
-  adapters_meta: Any = None  # the lora.Adapters template (static fields) when PEFT is on
 
 
-def load_model(cfg: config_lib.TrainConfig, mesh, *, vocab_size: int | None = None):
-  """(model_cfg, params): from model.hf_path if set, else a random init of cfg.model."""
-  dtype = decoder.DTYPES[cfg.model.param_dtype]
+@dataclasses.dataclass
+class Job:
+  cfg: config_lib.TrainConfig
+  method: methods.Method
+  ctx: methods.Context
+  run: Run
+
+  @property
+  def data(self):
+    return self.ctx.data
+
+  @property
+  def tokenizer(self):
+    return self.ctx.tokenizer
+
+  def export(self, state, out_dir: str, meta: dict) -> str:
+    return self.method.export(self.ctx, state, out_dir, meta)
+
+
+def load_weights(cfg: config_lib.TrainConfig, mesh, tokenizer):
+  """(model_cfg, params) a run starts from: `model.hf_path` (HF dir, hub id or a full
+  fine-tuning run), else a random init sized to the tokenizer; 4-bit for QLoRA."""
   if cfg.model.hf_path:
-    model_dir = hf_io.resolve(cfg.model.hf_path)
-    model_cfg = hf_io.read_config(model_dir, cfg.model)
-    _, params = hf_io.load_hf(model_dir, dtype, base=cfg.model,
-                              place=sharding.placer(mesh, decoder.axes(model_cfg)))
-    return model_cfg, params
-  model_cfg = cfg.model
-  if vocab_size is not None and vocab_size != model_cfg.vocab_size:
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab_size)
-  init = functools.partial(decoder.init, model_cfg)
-  key = jax.random.PRNGKey(cfg.train.seed)
-  shardings = sharding.tree_shardings(mesh, decoder.axes(model_cfg), jax.eval_shape(init, key))
-  return model_cfg, jax.jit(init, out_shardings=shardings)(key)
+    w = weights.load(cfg.model.hf_path, mesh=mesh, base=cfg.model, quant=weights.quant_for(cfg))
+    if w.adapters is not None:
+      raise config_lib.ConfigError(
+          f"model.hf_path={cfg.model.hf_path} is a {w.run_cfg.peft.method} run (adapters, not "
+          "a full model); export it with launch/convert.py --merge_lora and start from that")
+    return w.model_cfg, w.params
+  ids = dict(bos_token_id=_id(tokenizer.bos_token_id), pad_token_id=_id(tokenizer.pad_token_id),
+             eos_token_id=() if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,))
+  base = dataclasses.replace(cfg.model, **ids)
+  w = weights.load("", mesh=mesh, base=base, quant=weights.quant_for(cfg), seed=cfg.train.seed,
+                   vocab_size=max(cfg.model.vocab_size, len(tokenizer)))
+  return w.model_cfg, w.params
+
+
+def _id(x) -> int:
+  return -1 if x is None else int(x)
+
+
+def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
+  """Checks `cfg`, then builds data, weights, adapters, the method's pieces and the steps."""
+  method = methods.check(cfg)
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  tokenizer = data_lib.tokenizer_from_config(cfg)
+  data = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,
+                        process_index=jax.process_index(), process_count=jax.process_count())
+  model_cfg, params = load_weights(cfg, mesh, tokenizer)
+  adapters = adapter_axes = None
+  if cfg.peft.method != "none":
+    pm = peft.get(cfg.peft.method)
+    adapters = pm.init(model_cfg, params, cfg.peft, jax.random.PRNGKey(cfg.train.seed + 2))
+    adapter_axes = pm.axes(model_cfg, adapters).params
+  ctx = methods.Context(cfg=cfg, model_cfg=model_cfg, mesh=mesh, params=params,
+                        adapters=adapters, tokenizer=tokenizer, data=data)
+  extra = method.extra_trainable(ctx)
+  if extra is not None:  # method-owned leaves (the reward head) trained next to the rest
+    trees, axes = extra
+    if adapters is None:
+      params = {**params, **trees}
+    else:
+      adapters = dataclasses.replace(adapters, params={**adapters.params, **trees})
+      adapter_axes = {**adapter_axes, **axes}
+    ctx = dataclasses.replace(ctx, params=params, adapters=adapters)
+  run = build(cfg, mesh, params, model_cfg, objective=method.objective(ctx), adapters=adapters,
+              adapter_axes=adapter_axes, extra_frozen=method.frozen(ctx))
+  return Job(cfg=cfg, method=method, ctx=ctx, run=run)
 
 
 def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.ModelConfig, *,
           objective=None, adapters=None, adapter_axes=None, extra_frozen: dict | None = None,
           num_sources: int = 0) -> Run:
-  """State, frozen tree and jitted steps for `params` (+ LoRA `adapters`) on `mesh`."""
-  lora_scale = None if adapters is None else adapters.scale
-  trainable, frozen = objectives.split(params, None if adapters is None else adapters.params)
+  """State, frozen tree and jitted steps for `params` (+ PEFT `adapters`) on `mesh`.
+
+  Default objective: SFT. With adapters, `adapter_axes` (the adapter params' logical axes)
+  places them; the base params become frozen["base"].
+  """
+  if adapters is None:
+    trainable, frozen = params, {}
+  else:
+    trainable, frozen = adapters.params, {"base": params}
   frozen = {**frozen, **(extra_frozen or {})}
-  constrain = sharding.constrainer(mesh)
   if objective is None:
-    objective = objectives.sft(model_cfg, lora_scale=lora_scale, constrain=constrain,
-                               num_sources=num_sources)
+    objective = sft.make_objective(model_cfg, adapters=adapters,
+                                   constrain=sharding.constrainer(mesh), num_sources=num_sources)
   schedule = optim.schedule(cfg.optim, cfg.train.max_steps)
   optimizer = optim.make(cfg.optim, cfg.train.max_steps)
 
@@ -102,18 +168,5 @@ def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.Model
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_step = jax.jit(step_lib.make_eval_step(objective),
                       in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
-  return Run(cfg=cfg, model_cfg=model_cfg, mesh=mesh, state=state, frozen=frozen,
-             lora_scale=lora_scale, train_step=train_step, eval_step=eval_step,
-             schedule=schedule, batch_sharding=batch_sh, adapters_meta=adapters)
-
-
-def global_batch(batch: dict, batch_sharding) -> dict:
-  """Process-local numpy rows -> global jax arrays sharded over the batch axis."""
-  out = {}
-  for k, v in batch.items():
-    if not isinstance(v, np.ndarray):
-      continue
-    sh = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(
-        *batch_sharding.spec[:1], *([None] * (v.ndim - 1))))
-    out[k] = jax.make_array_from_process_local_data(sh, v)
-  return out
+  return Run(model_cfg=model_cfg, mesh=mesh, state=state, frozen=frozen, train_step=train_step,
+             eval_step=eval_step, batch_sharding=batch_sh)

@@ -86,8 +86,3 @@ def make_eval_step(objective: Callable):
     return metrics
 
   return eval_step
-
-
-def jit_train_step(train_step, *, state_shardings, frozen_shardings, batch_shardings):
-  return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -28,12 +28,12 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import losses
+from jaxtune import peft
 from jaxtune import sharding
 from jaxtune.hf import reward as hf_reward
+from jaxtune.methods import base
+from jaxtune.methods import pairs
 from jaxtune.models import decoder
-from jaxtune.peft import lora
-from jaxtune.train import objectives
-from jaxtune.train import pairs
 
 HEAD = "score"
 
@@ -70,26 +70,20 @@ def score(model_cfg: config_lib.ModelConfig, params: dict, head: dict, tokens: j
   """Reward scores [N] float32 of right-padded sequences tokens [N, T].
 
   segment_ids [N, T]: 1 on real tokens, 0 on padding (default: every token is real).
-  `lora` is None, a `lora.Adapters` or a (tree, scale) pair, as in `decoder.forward`.
+  `lora` is None or PEFT adapters (any kind), as in `decoder.forward`.
   """
   if segment_ids is None:
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
-  if lora is None:
-    lora_tree, scale = None, 1.0
-  elif isinstance(lora, tuple):
-    lora_tree, scale = lora
-  else:
-    lora_tree, scale = lora.params, lora.scale
+  if lora is not None:
+    params = lora.apply(params)
   h = decoder.hidden_states(model_cfg, params, tokens, positions=positions,
-                            segment_ids=segment_ids, lora=lora_tree, lora_scale=scale,
-                            constrain=constrain)
+                            segment_ids=segment_ids, constrain=constrain)
   return score_from_hidden(head, h, segment_ids)
 
 
-def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.MethodConfig, *,
-                   lora_scale: float | None = None, constrain=None):
+def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.RewardConfig, *,
+                   adapters=None, constrain=None):
   """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
-  constrain = constrain or (lambda x, _: x)
 
   def objective(trainable, frozen, batch, rng):
     del rng
@@ -98,12 +92,14 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Met
                        f"{sorted(trainable)})")
     flat = pairs.flatten(batch)  # [2B, T]
     valid = pairs.valid_pairs(batch)  # [B]
-    _, h = objectives.forward_hidden(model_cfg, trainable, frozen, flat, lora_scale, constrain)
+    body = {k: v for k, v in trainable.items() if k != HEAD}
+    params = base.model_params(body, frozen, adapters)
+    h = base.hidden(model_cfg, params, flat, constrain)
     s = pairs.unflatten(score_from_hidden(trainable[HEAD], h, flat["segment_ids"]))  # [B, 2]
     margin = None
-    if method_cfg.reward_margin:
+    if method_cfg.margin:
       if "margin" not in batch:
-        raise ValueError("method_cfg.reward_margin=true but the batch has no 'margin' [B] "
+        raise ValueError("reward.margin=true but the batch has no 'margin' [B] "
                          f"(keys: {sorted(batch)})")
       margin = batch["margin"]
 
@@ -140,8 +136,10 @@ def split_trainable(ctx, trainable: dict):
   head = trainable.pop(HEAD)
   if ctx.adapters is None:
     return trainable, head
-  base = {k: v for k, v in ctx.params.items() if k != HEAD}
-  return lora.merge(ctx.model_cfg, base, dataclasses.replace(ctx.adapters, params=trainable)), head
+  body = {k: v for k, v in ctx.params.items() if k != HEAD}
+  merged = peft.get(ctx.cfg.peft.method).merge(
+      ctx.model_cfg, body, dataclasses.replace(ctx.adapters, params=trainable))
+  return merged, head
 
 
 def export_pad_id(ctx) -> int:
@@ -163,3 +161,29 @@ def export(ctx, state, out_dir: str, meta: dict) -> str:
   hf_reward.save(ctx.model_cfg, params, head, out_dir, tokenizer=ctx.tokenizer,
                  pad_token_id=pad, metadata=metadata)
   return os.path.abspath(out_dir)
+
+
+class Reward(base.Method):
+  name = "reward"
+  data_kind = "preference"
+
+  def check(self, cfg: config_lib.TrainConfig) -> None:
+    if cfg.reward.margin:
+      raise config_lib.ConfigError(
+          "bad value for reward.margin: true (needs a per-pair 'margin' the data pipeline "
+          "does not produce yet; use the loss directly: losses.reward_loss(..., margin=))")
+
+  def objective(self, ctx: base.Context) -> base.Objective:
+    return make_objective(ctx.model_cfg, ctx.cfg.reward, adapters=ctx.adapters,
+                          constrain=ctx.constrain)
+
+  def extra_trainable(self, ctx: base.Context):
+    return extra_trainable(ctx)
+
+  def export(self, ctx: base.Context, state, out_dir: str, meta: dict, *,
+             write_adapter: bool = True) -> str:
+    del write_adapter  # the head is not a PEFT module: always one merged directory
+    return export(ctx, state, out_dir, meta)
+
+
+METHOD = Reward()

@@ -19,8 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune import losses
-from jaxtune.models import decoder
 
 PAIR_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -49,36 +47,6 @@ def valid_pairs(batch: dict) -> jax.Array:
   """[B] float32: 1 where both the chosen and the rejected completion have trained tokens."""
   has = jnp.sum(batch["loss_mask"].astype(jnp.float32), axis=-1) > 0  # [B, 2]
   return jnp.all(has, axis=-1).astype(jnp.float32)
-
-
-def token_logprobs_from_hidden(model_cfg, params, h: jax.Array, targets: jax.Array) -> jax.Array:
-  """log p(targets) [N, T] float32 from final hidden states h [N, T, D].
-
-  With model_cfg.logits_chunk > 0 the [N, T, V] logits are never materialised: tokens are
-  scored `logits_chunk` at a time under `jax.checkpoint`, so the backward recomputes each
-  chunk's [C, V] logits (as `losses.chunked_cross_entropy` does for SFT).
-  """
-  if model_cfg.logits_chunk <= 0:
-    return losses.token_logprobs(decoder.logits_from_hidden(model_cfg, params, h), targets)
-  w, transposed = decoder.output_kernel(model_cfg, params)
-  w = w.astype(h.dtype)
-  spec = "cd,vd->cv" if transposed else "cd,dv->cv"
-  vocab = w.shape[0] if transposed else w.shape[1]
-  n_rows, t, d = h.shape
-  n, c = n_rows * t, model_cfg.logits_chunk
-  pad = (-n) % c
-  hc = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)  # [K, C, D]
-  yc = jnp.pad(jnp.clip(targets.reshape(n), 0, vocab - 1), (0, pad)).reshape(-1, c)  # [K, C]
-
-  @jax.checkpoint
-  def chunk(xs):
-    hh, yy = xs
-    logits = jnp.einsum(spec, hh, w, preferred_element_type=jnp.float32)  # [C, V]
-    picked = jnp.take_along_axis(logits, yy[:, None], axis=-1)[:, 0]  # [C]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-  lp = jax.lax.map(chunk, (hc, yc))  # [K, C]
-  return lp.reshape(-1)[:n].reshape(n_rows, t)
 
 
 def sequence_logprobs(token_lp: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -2,13 +2,13 @@
 
 The objective runs chosen and rejected through ONE policy forward ([B, 2, T] -> [2B, T]),
 sums each response's token log-probs over its loss mask (the prompt is never counted),
-and feeds them to the pure losses of `jaxtune.losses` (method_cfg.loss_type):
+and feeds them to the pure losses of `jaxtune.losses` (dpo.loss_type):
 
     sigmoid | hinge | robust    summed log-probs, policy vs reference   (DPO, SLiC, rDPO)
     ipo                         length-AVERAGED log-probs vs reference  (as TRL runs IPO)
     simpo | orpo                length-averaged, reference-free
 
-The reference log-probs (method_cfg.reference) come from:
+The reference log-probs (dpo.reference) come from:
 
     frozen        a copy of the initial weights, frozen["ref"] (full fine-tuning default)
     adapters_off  the LoRA/QLoRA base with the adapters switched off: frozen["base"], no
@@ -33,41 +33,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import config as config_lib
+from jaxtune import data as data_lib
 from jaxtune import losses
 from jaxtune import sharding
 from jaxtune.data import packing
 from jaxtune.hf import io as hf_io
-from jaxtune.models import decoder
-from jaxtune.train import content_keys
-from jaxtune.train import objectives
-from jaxtune.train import pairs
-from jaxtune.train import setup
+from jaxtune.methods import base
+from jaxtune.methods import content_keys
+from jaxtune.methods import pairs
+from jaxtune.models import head
 
 _log = logging.getLogger("jaxtune")
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
+REFERENCES = ("frozen", "adapters_off", "precomputed")
 
 
 def reference_mode(cfg: config_lib.TrainConfig) -> str:
   """'none' (reference-free loss) | 'frozen' | 'adapters_off' | 'precomputed'."""
-  mc = cfg.method_cfg
-  if mc.loss_type not in LOSS_TYPES:
-    raise config_lib.ConfigError(f"bad value for method_cfg.loss_type: {mc.loss_type!r} "
-                                 f"(method=dpo expects one of {', '.join(LOSS_TYPES)})")
+  mc = cfg.dpo
+  config_lib.check_choice("dpo.loss_type", mc.loss_type, LOSS_TYPES)
+  config_lib.check_choice("dpo.reference", mc.reference, REFERENCES)
   if mc.loss_type in REFERENCE_FREE:
     return "none"
   peft = cfg.peft.method != "none"
   if mc.reference == "adapters_off" and not peft:
     raise config_lib.ConfigError(
-        "method_cfg.reference=adapters_off needs peft.method=lora or qlora (full fine-tuning "
-        "has no adapters to switch off); use method_cfg.reference=frozen or precomputed")
+        "dpo.reference=adapters_off needs peft.method=lora or qlora (full fine-tuning "
+        "has no adapters to switch off); use dpo.reference=frozen or precomputed")
   if mc.reference == "frozen" and peft:
     return "adapters_off"  # the same model without a copy: adapters start at B = 0
   return mc.reference
 
 
-def pair_losses(method_cfg: config_lib.MethodConfig, pol_sum, pol_avg, ref_sum, ref_avg):
+def pair_losses(method_cfg: config_lib.DpoConfig, pol_sum, pol_avg, ref_sum, ref_avg):
   """Per-pair losses [B] and metrics {name: [B]} from [B, 2] log-probs (0 = chosen).
 
   The library losses average over their batch; vmapping them over single pairs gives the
@@ -109,29 +109,26 @@ def lookup(table: dict, batch: dict):
 
 
 def _reference_hidden(model_cfg, params, flat, constrain):
-  h = decoder.hidden_states(model_cfg, params, flat["tokens"], positions=flat.get("positions"),
-                            segment_ids=flat.get("segment_ids"), lora=None, constrain=constrain)
-  return jax.lax.stop_gradient(h)
+  return jax.lax.stop_gradient(base.hidden(model_cfg, params, flat, constrain))
 
 
 def sequence_logprobs(model_cfg, params, h, flat):
   """([B, 2] summed, [B, 2] averaged) response log-probs from hidden states [2B, T, D]."""
-  lp = pairs.token_logprobs_from_hidden(model_cfg, params, h, flat["targets"])  # [2B, T]
+  lp = head.token_logprobs(model_cfg, params, h, flat["targets"])  # [2B, T]
   total, avg = pairs.sequence_logprobs(lp, flat["loss_mask"])  # [2B], [2B]
   return pairs.unflatten(total), pairs.unflatten(avg)
 
 
-def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.MethodConfig,
-                   mode: str, *, lora_scale: float | None = None, constrain=None):
+def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.DpoConfig,
+                   mode: str, *, adapters=None, constrain=None):
   """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
-  constrain = constrain or (lambda x, _: x)
 
   def objective(trainable, frozen, batch, rng):
     del rng
     flat = pairs.flatten(batch)  # [2B, T] each
     valid = pairs.valid_pairs(batch)  # [B]
-    params, h = objectives.forward_hidden(model_cfg, trainable, frozen, flat, lora_scale,
-                                          constrain)
+    params = base.model_params(trainable, frozen, adapters)
+    h = base.hidden(model_cfg, params, flat, constrain)
     pol_sum, pol_avg = sequence_logprobs(model_cfg, params, h, flat)  # [B, 2]
     extra = {}
     if mode == "none":
@@ -155,16 +152,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Met
   return objective
 
 
-def objective(ctx):
-  """The Method hook: the DPO objective for the job in `ctx` (a methods.Context)."""
-  mode = reference_mode(ctx.cfg)
-  return make_objective(ctx.model_cfg, ctx.cfg.method_cfg, mode,
-                        lora_scale=None if ctx.adapters is None else ctx.adapters.scale,
-                        constrain=sharding.constrainer(ctx.mesh))
-
-
-def frozen(ctx) -> dict:
-  """The Method hook: the reference's frozen tree ({"ref"}, {"ref_table"} or nothing)."""
+def frozen_trees(ctx: base.Context) -> dict:
+  """The reference's frozen tree ({"ref"}, {"ref_table"} or nothing)."""
   mode = reference_mode(ctx.cfg)
   if mode == "frozen":
     # A real copy: the policy's buffers are donated to (and overwritten by) every step.
@@ -192,7 +181,7 @@ def precompute(ctx) -> dict:
   logps[n, c] = (sum, average) of the reference's response log-probs, c = 0 chosen,
   1 rejected. The reference is the initial model (with PEFT: the base, adapters off).
   """
-  model_cfg, constrain = ctx.model_cfg, sharding.constrainer(ctx.mesh)
+  model_cfg, constrain = ctx.model_cfg, ctx.constrain
 
   @jax.jit
   def table_rows(params, batch):
@@ -204,7 +193,7 @@ def precompute(ctx) -> dict:
   batch_sh = sharding.batch_sharding(ctx.mesh)
   keys, logps = [], []
   for host in _global_batches(ctx):
-    k, lp, valid = table_rows(ctx.params, setup.global_batch(host, batch_sh))
+    k, lp, valid = table_rows(ctx.params, data_lib.to_global(host, batch_sh))
     valid = hf_io.to_host(valid) > 0
     keys.append(hf_io.to_host(k)[valid])
     logps.append(hf_io.to_host(lp)[valid])
@@ -215,3 +204,21 @@ def precompute(ctx) -> dict:
   repl = sharding.replicated(ctx.mesh)
   put = lambda x: jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])  # noqa: E731
   return {"keys": put(keys), "logps": put(logps)}
+
+
+class Dpo(base.Method):
+  name = "dpo"
+  data_kind = "preference"
+
+  def check(self, cfg: config_lib.TrainConfig) -> None:
+    reference_mode(cfg)
+
+  def frozen(self, ctx: base.Context) -> dict:
+    return frozen_trees(ctx)
+
+  def objective(self, ctx: base.Context) -> base.Objective:
+    return make_objective(ctx.model_cfg, ctx.cfg.dpo, reference_mode(ctx.cfg),
+                          adapters=ctx.adapters, constrain=ctx.constrain)
+
+
+METHOD = Dpo()
