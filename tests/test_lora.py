@@ -100,8 +100,11 @@ def test_registry_names_bad_methods_and_apply_wraps_exactly_the_targets(base):
   with pytest.raises(config_lib.ConfigError) as e:
     jaxtune.peft.get("nope")
   assert str(e.value) == ("bad value for peft.method: 'nope' (expected one of none, lora, "
-                          "qlora)")
-  assert jaxtune.peft.names() == ("lora", "qlora") and jaxtune.peft.get("none") is None
+                          "qlora, dora, qdora, ia3, prompt_tuning, prefix_tuning, "
+                          "llama_adapter)")
+  assert jaxtune.peft.names() == ("lora", "qlora", "dora", "qdora", "ia3", "prompt_tuning",
+                                  "prefix_tuning", "llama_adapter")
+  assert jaxtune.peft.get("none") is None
   for name in jaxtune.peft.names():
     method = jaxtune.peft.get(name)
     assert isinstance(method, peft_base.PeftMethod) and method.name == name
@@ -297,8 +300,10 @@ def test_load_peft_names_what_it_refuses(tmp_path):
   with pytest.raises(ValueError, match=r"peft_type 'IA3'"):
     lora.load_peft(cfg, write("ia3", c=dict(pc, peft_type="IA3")))
   # The method-agnostic entry points pick LoRA by type / peft_type, and name what they refuse.
-  with pytest.raises(ValueError, match=r"peft_type 'IA3' is not supported \(supported: LORA\)"):
-    jaxtune.peft.load_peft(cfg, str(tmp_path / "ia3"))
+  with pytest.raises(ValueError, match=r"peft_type 'LOHA' is not supported \(supported: "
+                                       r"ADAPTION_PROMPT, IA3, LORA, PREFIX_TUNING, "
+                                       r"PROMPT_TUNING\)"):
+    jaxtune.peft.load_peft(cfg, write("loha", c=dict(pc, peft_type="LOHA")))
   ad = jaxtune.peft.load_peft(cfg, good)
   again = jaxtune.peft.save_peft(cfg, ad, str(tmp_path / "again"))
   theirs = safetensors.numpy.load_file(os.path.join(again, "adapter_model.safetensors"))

@@ -2,6 +2,11 @@
 
     from jaxtune.peft import lora    # Adapters, init, axes, apply, merge, save_peft, load_peft
     from jaxtune.peft import qlora   # 4-bit base: load_quantized, quantize_params
+    from jaxtune.peft import dora    # DoRA ("dora", and "qdora" over the 4-bit base)
+    from jaxtune.peft import ia3     # IA3 scaling vectors
+    from jaxtune.peft import prompt  # prompt tuning ("prompt_tuning": virtual tokens)
+    from jaxtune.peft import prefix  # prefix tuning ("prefix_tuning": per-layer KV prefix)
+    from jaxtune.peft import llama_adapter  # LLaMA-Adapter's gated adaption prompts
     from jaxtune.peft import base    # the PeftMethod protocol
 
     method = jaxtune.peft.get("lora")                      # a base.PeftMethod
@@ -20,8 +25,13 @@ from typing import Any
 
 from jaxtune import config as config_lib
 from jaxtune.peft import base
+from jaxtune.peft import dora
+from jaxtune.peft import ia3
+from jaxtune.peft import llama_adapter
 from jaxtune.peft import lora
 from jaxtune.peft import peft_io
+from jaxtune.peft import prefix
+from jaxtune.peft import prompt
 from jaxtune.peft import qlora
 
 NONE = "none"
@@ -29,6 +39,12 @@ NONE = "none"
 METHODS: dict[str, base.PeftMethod] = {
     "lora": lora.METHOD,
     "qlora": qlora.METHOD,
+    "dora": dora.METHOD,
+    "qdora": dora.QDORA,
+    "ia3": ia3.METHOD,
+    "prompt_tuning": prompt.METHOD,
+    "prefix_tuning": prefix.METHOD,
+    "llama_adapter": llama_adapter.METHOD,
 }
 
 
@@ -70,14 +86,17 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: Any, out_dir: str, *,
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str) -> Any:
   """Reads a Hugging Face PEFT directory (or hub id) of any kind jaxtune supports.
 
-  The method is picked by the `peft_type` of its adapter_config.json; an unsupported one is
-  an error naming it and the supported types.
+  The method is picked by the `peft_type` of its adapter_config.json (where several
+  methods share one, e.g. LORA for lora and dora, the one whose `accepts(config)` is true,
+  else the one without `accepts`); an unsupported type is an error naming the supported.
   """
   local_dir, pc = peft_io.read_adapter_config(adapter_dir)
   peft_type = pc.get("peft_type")
-  for method in METHODS.values():
-    if method.peft_type == peft_type:
-      return method.load(cfg, local_dir)
+  same = [m for m in METHODS.values() if m.peft_type == peft_type]
+  chosen = ([m for m in same if getattr(m, "accepts", None) and m.accepts(pc)]
+            or [m for m in same if not getattr(m, "accepts", None)])
+  if chosen:
+    return chosen[0].load(cfg, local_dir)
   types = sorted({m.peft_type for m in METHODS.values()})
   raise ValueError(f"{local_dir}: peft_type {peft_type!r} is not supported (supported: "
                    f"{', '.join(types)})")

@@ -17,6 +17,10 @@ Import is strict: every tensor name must be understood, every layer of every ada
 present with the expected shapes, and any config setting that changes the computation
 (DoRA, biases, per-module rank or alpha patterns, modules_to_save, partial layers, ...) is
 refused with the field named, rather than silently giving other logits than peft.
+
+The per-layer tensor reading (`read_layer_tensors`), the config-field check
+(`check_fields`) and the writer (`write_adapter`) are shared with the other PEFT types
+(DoRA adds `lora_magnitude_vector`, IA3 reads `ia3_l`), so every type is as strict.
 """
 
 from __future__ import annotations
@@ -75,15 +79,27 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, out_
   dtype: 'float32' | 'bfloat16' | 'float16' of the saved tensors (default: the adapters').
   All processes must call it (gathering sharded adapters is collective); process 0 writes.
   """
+  tensors, peft_config = lora_files(cfg, adapters, base_model_name_or_path=base_model_name_or_path,
+                                    dtype=dtype)
+  return write_adapter(out_dir, tensors, peft_config)
+
+
+def host(x: Any, dtype: str | None = None) -> np.ndarray:
+  """A (possibly sharded) adapter leaf as a host array, cast to `dtype` when given."""
+  x = io.to_host(x)
+  return x if dtype is None else x.astype(io.NP_DTYPES[dtype])
+
+
+def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
+               base_model_name_or_path: str = "", dtype: str | None = None
+               ) -> tuple[dict[str, np.ndarray], dict]:
+  """({tensor name: array}, adapter_config dict) of a PEFT LoRA directory for `adapters`."""
   templates = module_templates(cfg)
   shapes = decoder.shapes(cfg)
   tensors: dict[str, np.ndarray] = {}
   names = set()
   for module, ab in sorted(adapters_lib.modules(adapters.params).items()):
-    a = io.to_host(ab["a"])  # [L, in, r]
-    b = io.to_host(ab["b"])  # [L, r, out]
-    if dtype is not None:
-      a, b = a.astype(io.NP_DTYPES[dtype]), b.astype(io.NP_DTYPES[dtype])
+    a, b = host(ab["a"], dtype), host(ab["b"], dtype)  # [L, in, r], [L, r, out]
     want = shapes[module + "/kernel"]
     r = adapters.rank
     if a.shape != (*want[:-1], r) or b.shape != (*want[:-2], r, want[-1]):
@@ -116,6 +132,11 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, out_
       "revision": None,
       "base_model_name_or_path": base_model_name_or_path or None,
   }
+  return tensors, peft_config
+
+
+def write_adapter(out_dir: str, tensors: dict[str, np.ndarray], peft_config: dict) -> str:
+  """Writes adapter_model.safetensors + adapter_config.json on process 0; returns out_dir."""
   if jax.process_index() != 0:
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
@@ -130,20 +151,38 @@ def _falsy(v: Any) -> bool:
   return v is None or v is False or v == {} or v == [] or v == ""
 
 
-def check_config(pc: dict, source: str) -> None:
-  """Errors naming the field of an adapter_config.json that jaxtune cannot reproduce."""
-  if pc.get("peft_type") != "LORA":
-    raise ValueError(f"{source}: peft_type {pc.get('peft_type')!r} is not supported (only LORA)")
+def check_fields(pc: dict, source: str, *, peft_type: str, handled: set[str],
+                 ignored: set[str], what: str) -> None:
+  """Errors naming the first adapter_config.json field that jaxtune cannot reproduce.
+
+  Fields in `handled` are read by the caller; fields in `ignored` never change the forward;
+  any other field must be falsy (None, False, {}, [], ""). `what` names what is supported.
+  """
+  if pc.get("peft_type") != peft_type:
+    raise ValueError(f"{source}: peft_type {pc.get('peft_type')!r} is not supported "
+                     f"(only {peft_type})")
   if pc.get("task_type") not in (None, "CAUSAL_LM"):
     raise ValueError(f"{source}: task_type {pc['task_type']!r} is not supported (CAUSAL_LM)")
+  for k, v in sorted(pc.items()):
+    if k not in handled and k not in ignored and not _falsy(v):
+      raise ValueError(f"{source}: {k}={v!r} changes the adapter's computation in a way "
+                       f"jaxtune does not support ({what})")
+
+
+def check_config(pc: dict, source: str, *, dora: bool = False) -> None:
+  """Errors naming the field of a LoRA adapter_config.json that jaxtune cannot reproduce.
+
+  dora: the adapter must be DoRA (`use_dora: true`); otherwise `use_dora` is refused.
+  """
+  if dora and pc.get("use_dora") is not True:
+    raise ValueError(f"{source}: use_dora={pc.get('use_dora')!r}; a DoRA adapter has "
+                     "use_dora=true (load plain LoRA with peft.method=lora)")
   if pc.get("bias", "none") != "none":
     raise ValueError(f"{source}: bias={pc['bias']!r} trains base biases; only 'none' is "
                      "supported")
-  for k, v in sorted(pc.items()):
-    if k not in _HANDLED and k not in _IGNORED and not _falsy(v):
-      raise ValueError(f"{source}: {k}={v!r} changes the adapter's computation in a way "
-                       "jaxtune does not support (plain LoRA / rsLoRA on attention and MLP "
-                       "projections of every layer)")
+  check_fields(pc, source, peft_type="LORA", handled=_HANDLED | ({"use_dora"} if dora else set()),
+               ignored=_IGNORED, what=("DoRA" if dora else "plain LoRA / rsLoRA") +
+               " on attention and MLP projections of every layer")
   tm = pc.get("target_modules")
   if isinstance(tm, (list, tuple)):
     bad = [m for m in tm if m != "all-linear"
@@ -163,6 +202,98 @@ def read_adapter_config(adapter_dir: str) -> tuple[str, dict]:
     return adapter_dir, json.load(f)
 
 
+def weights_file(adapter_dir: str) -> str:
+  """Path of the directory's adapter_model.safetensors; pickled weights are named, not read."""
+  wpath = os.path.join(adapter_dir, WEIGHTS_FILE)
+  if not os.path.exists(wpath):
+    pickles = [f for f in os.listdir(adapter_dir) if f.endswith((".bin", ".pt", ".pth"))]
+    raise ValueError(f"{adapter_dir}: no {WEIGHTS_FILE}" + (
+        f" (found {pickles}: pickled weights are never loaded)" if pickles else ""))
+  return wpath
+
+
+def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[str, ...],
+                       want, *, kind: str, detail: str = "") -> dict[str, dict[str, np.ndarray]]:
+  """{module: {suffix: float32 [L, ...]}} of per-layer PEFT tensors, strictly checked.
+
+  Tensor names are PREFIX + the module's HF template + "." + suffix, e.g.
+  "base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight". `want(module,
+  suffix, n_in, n_out)` is the expected per-layer shape (torch layout, as stored). Every
+  tensor must be understood; a module with any tensor must have all suffixes in every layer.
+  kind names the adapter type in errors ("LoRA"); detail is appended to shape errors.
+  """
+  shapes = decoder.shapes(cfg)
+  templates = module_templates(cfg)
+  alt = "|".join(re.escape(x) for x in suffixes)
+  patterns = {module: re.compile(re.escape(PREFIX + template).replace(re.escape("{i}"), r"(\d+)")
+                                 + rf"\.({alt})")
+              for module, template in templates.items()}
+  handle = safetensors.safe_open(wpath, framework="np")
+  found: dict[str, dict[tuple[int, str], str]] = {}
+  unknown = {}
+  for name in handle.keys():
+    for module, rx in patterns.items():
+      m = rx.fullmatch(name)
+      if m and int(m.group(1)) < cfg.num_layers:
+        found.setdefault(module, {})[(int(m.group(1)), m.group(2))] = name
+        break
+    else:
+      unknown[name] = tuple(handle.get_slice(name).get_shape())
+  if unknown:
+    listed = ", ".join(f"{k} {list(s)}" for k, s in sorted(unknown.items())[:8])
+    raise ValueError(f"{wpath}: {len(unknown)} tensor(s) not understood for a "
+                     f"{cfg.num_layers}-layer {cfg.family} {kind} adapter: {listed}")
+  if not found:
+    raise ValueError(f"{wpath}: no {kind} tensors")
+  out = {}
+  for module, names in sorted(found.items()):
+    *_, n_in, n_out = shapes[module + "/kernel"]
+    stem = PREFIX + templates[module]
+    shape = {sfx: tuple(want(module, sfx, n_in, n_out)) for sfx in suffixes}
+    missing = [f"{stem.format(i=i)}.{sfx} (expected {list(shape[sfx])})"
+               for i in range(cfg.num_layers) for sfx in suffixes if (i, sfx) not in names]
+    if missing:
+      raise ValueError(f"{wpath}: {len(missing)} missing tensor(s) (jaxtune adapts every "
+                       f"layer of a module): {', '.join(missing[:8])}")
+    out[module] = {}
+    for sfx in suffixes:
+      per_layer = []
+      for i in range(cfg.num_layers):
+        t = handle.get_tensor(names[(i, sfx)])
+        if tuple(t.shape) != shape[sfx]:
+          raise ValueError(f"{wpath}: tensor {names[(i, sfx)]} has shape {list(t.shape)}, "
+                           f"expected {list(shape[sfx])} ({detail}in={n_in}, out={n_out})")
+        per_layer.append(t.astype(np.float32))
+      out[module][sfx] = np.stack(per_layer)
+  return out
+
+
+def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = False
+              ) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+  """(adapter_config, {module: {"a": [L, in, r], "b": [L, r, out](, "m": [L, out])}}).
+
+  dora: read a DoRA adapter (`use_dora`), whose modules also hold `lora_magnitude_vector`
+  [out] per layer (PEFT writes it without a `.weight` suffix).
+  """
+  adapter_dir, pc = read_adapter_config(adapter_dir)
+  wpath = weights_file(adapter_dir)
+  check_config(pc, os.path.join(adapter_dir, CONFIG_FILE), dora=dora)
+  rank = int(pc["r"])
+  want = {"lora_A.weight": lambda n_in, n_out: (rank, n_in),
+          "lora_B.weight": lambda n_in, n_out: (n_out, rank),
+          "lora_magnitude_vector": lambda n_in, n_out: (n_out,)}
+  suffixes = tuple(want)[:3 if dora else 2]
+  raw = read_layer_tensors(cfg, wpath, suffixes, lambda _, sfx, i, o: want[sfx](i, o),
+                           kind="DoRA" if dora else "LoRA", detail=f"r={rank}, ")
+  out = {}
+  for module, t in raw.items():
+    out[module] = {"a": t["lora_A.weight"].transpose(0, 2, 1),  # [L, in, r]
+                   "b": t["lora_B.weight"].transpose(0, 2, 1)}  # [L, r, out]
+    if dora:
+      out[module]["m"] = t["lora_magnitude_vector"]  # [L, out]
+  return pc, out
+
+
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
               dtype: Any = jnp.float32) -> adapters_lib.Adapters:
   """Reads a PEFT LoRA adapter (directory or hub id) into `Adapters` for this base config.
@@ -170,66 +301,16 @@ def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
   Unknown or missing tensors, wrong shapes and unsupported settings are errors that name
   them. dtype: storage dtype of the returned adapter leaves.
   """
-  adapter_dir, pc = read_adapter_config(adapter_dir)
-  cpath = os.path.join(adapter_dir, CONFIG_FILE)
-  wpath = os.path.join(adapter_dir, WEIGHTS_FILE)
-  if not os.path.exists(wpath):
-    pickles = [f for f in os.listdir(adapter_dir) if f.endswith((".bin", ".pt", ".pth"))]
-    raise ValueError(f"{adapter_dir}: no {WEIGHTS_FILE}" + (
-        f" (found {pickles}: pickled weights are never loaded)" if pickles else ""))
-  check_config(pc, cpath)
+  pc, modules = read_lora(cfg, adapter_dir)
   rank, alpha, rslora = int(pc["r"]), float(pc["lora_alpha"]), bool(pc.get("use_rslora"))
-
-  shapes = decoder.shapes(cfg)
-  templates = module_templates(cfg)
-  patterns = {}
-  for module, template in templates.items():
-    rx = re.escape(PREFIX + template).replace(re.escape("{i}"), r"(\d+)")
-    patterns[module] = re.compile(rx + r"\.lora_([AB])\.weight")
-  handle = safetensors.safe_open(wpath, framework="np")
-  found: dict[str, dict[tuple[int, str], str]] = {}
-  unknown = {}
-  for name in handle.keys():
-    shape = tuple(handle.get_slice(name).get_shape())
-    for module, rx in patterns.items():
-      m = rx.fullmatch(name)
-      if m and int(m.group(1)) < cfg.num_layers:
-        found.setdefault(module, {})[(int(m.group(1)), m.group(2))] = name
-        break
-    else:
-      unknown[name] = shape
-  if unknown:
-    listed = ", ".join(f"{k} {list(s)}" for k, s in sorted(unknown.items())[:8])
-    raise ValueError(f"{wpath}: {len(unknown)} tensor(s) not understood for a "
-                     f"{cfg.num_layers}-layer {cfg.family} LoRA adapter: {listed}")
-  if not found:
-    raise ValueError(f"{wpath}: no LoRA tensors")
-
-  flat = {}
-  for module, names in sorted(found.items()):
-    *_, n_in, n_out = shapes[module + "/kernel"]
-    stem = PREFIX + templates[module]
-    want = {"A": (rank, n_in), "B": (n_out, rank)}
-    missing = [f"{stem.format(i=i)}.lora_{ab}.weight (expected {list(want[ab])})"
-               for i in range(cfg.num_layers) for ab in "AB" if (i, ab) not in names]
-    if missing:
-      raise ValueError(f"{wpath}: {len(missing)} missing tensor(s) (jaxtune adapts every "
-                       f"layer of a module): {', '.join(missing[:8])}")
-    stacked = {}
-    for ab in "AB":
-      per_layer = []
-      for i in range(cfg.num_layers):
-        name = names[(i, ab)]
-        t = handle.get_tensor(name)
-        if tuple(t.shape) != want[ab]:
-          raise ValueError(f"{wpath}: tensor {name} has shape {list(t.shape)}, expected "
-                           f"{list(want[ab])} (r={rank}, in={n_in}, out={n_out})")
-        per_layer.append(t.astype(np.float32).T)
-      stacked[ab] = np.stack(per_layer)
-    flat[module + "/a"] = jnp.asarray(stacked["A"], dtype)  # [L, in, r]
-    flat[module + "/b"] = jnp.asarray(stacked["B"], dtype)  # [L, r, out]
-
-  targets = "|".join(re.escape(m + "/kernel") for m in sorted(found))
+  flat = {f"{module}/{k}": jnp.asarray(v, dtype)
+          for module, ab in modules.items() for k, v in ab.items()}
   return adapters_lib.Adapters(
       params=tree.unflatten(flat), scale=adapters_lib.scale(rank, alpha, rslora), rank=rank,
-      alpha=alpha, rslora=rslora, targets=targets, dropout=float(pc.get("lora_dropout") or 0.0))
+      alpha=alpha, rslora=rslora, targets=targets_regex(modules),
+      dropout=float(pc.get("lora_dropout") or 0.0))
+
+
+def targets_regex(modules) -> str:
+  """The regex over kernel paths that selects exactly `modules` ("layers/mlp/up_proj")."""
+  return "|".join(re.escape(m + "/kernel") for m in sorted(modules))
