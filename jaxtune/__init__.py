@@ -18,3 +18,4 @@ from jaxtune.models.decoder import forward
 from jaxtune.models.decoder import init
 from jaxtune.peft import lora
 from jaxtune.peft import qlora
+from jaxtune.sampling import generate

@@ -7,6 +7,7 @@ and optimizer, in one command, and prints one table (docs/BENCHMARKS.md has the 
   python launch/bench.py --workloads=1b_full,1b_lora,1b_qlora --seq_lens=2048 --out=b.json
   python launch/bench.py --workloads=8b_lora,8b_qlora --seq_lens=4096
   python launch/bench.py --smoke          # tiny shapes on CPU: what tests/test_bench.py runs
+  python launch/bench.py --workloads=decode_1b   # sampling: see launch/bench_decode.py
 
 Both sides, unless a line says otherwise:
   model      Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads, mlp 8192, vocab 128256,
@@ -41,6 +42,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -48,6 +50,7 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from launch import bench_decode  # noqa: E402
 from launch import bench_workers  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -57,7 +60,15 @@ def define_flags() -> None:
   """The command line; defined by __main__ only, so tests import this module flag-free."""
   flags.DEFINE_list("workloads", ["1b_full", "1b_lora", "1b_qlora"],
                     "SHAPE_METHOD names: shapes 1b | 8b (tiny under --smoke), methods full | "
-                    "lora | qlora.")
+                    "lora | qlora; or decode_1b | decode_8b (sampling, bench_decode.py).")
+  flags.DEFINE_list("decode_batches", ["64", "256"], "decode_*: batch sizes (smoke: 2,4).")
+  flags.DEFINE_integer("decode_prompt", 128, "decode_*: prompt tokens per row (smoke: 8).")
+  flags.DEFINE_integer("decode_new", 256, "decode_*: sampled tokens per row (smoke: 8).")
+  flags.DEFINE_integer("decode_repeats", 3, "decode_*: timed calls per batch (median).")
+  flags.DEFINE_list("decode_attention", ["auto"], "decode_*: jaxtune runs, one per "
+                    "model.attention value (auto | xla | pallas).")
+  flags.DEFINE_integer("budget_s", 0, "Stop starting runs after this many seconds (0 = no "
+                       "limit); each isolated run's timeout is cut to what is left.")
   flags.DEFINE_list("seq_lens", ["2048"], "Sequence lengths.")
   flags.DEFINE_integer("batch", 4, "Rows per step.")
   flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run.")
@@ -264,12 +275,16 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.worker:
     spec = json.loads(FLAGS.worker)
-    res = bench_workers.run_worker(spec)
+    worker = bench_decode if spec.get("kind") == "decode" else bench_workers
+    res = worker.run_worker(spec)
     with open(spec["result_file"], "w") as f:
       json.dump(res, f)
     return
+  t_start = time.monotonic()
+  decode = [w for w in FLAGS.workloads if w.startswith("decode_")]
+  FLAGS.workloads = [w for w in FLAGS.workloads if not w.startswith("decode_")]
   results = []
-  for spec in _specs():
+  for spec in _specs() if FLAGS.workloads else []:
     print(f"running {spec['workload']} seq={spec['seq']} {spec['framework']} "
           f"{spec['variant']} ...", file=sys.stderr, flush=True)
     res = _derive(_isolated(spec) if FLAGS.isolate else bench_workers.run_worker(spec))
@@ -280,8 +295,44 @@ def main(argv):
       with open(FLAGS.out, "w") as f:
         json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                    "argv": sys.argv, "results": results}, f, indent=1)
-  print(table(results))
-  for line in goals(results):
+  if results:
+    print(table(results))
+    for line in goals(results):
+      print("goal: " + line)
+  if decode:
+    _decode(decode, t_start, results)
+
+
+def _decode(workloads: list[str], t_start: float, train_results: list[dict]) -> None:
+  """The decode workloads (bench_decode.py): run, print the table and the goals."""
+  smoke = FLAGS.smoke
+  default = FLAGS["decode_batches"].default
+  batches = [2, 4] if smoke and FLAGS.decode_batches == default else [
+      int(b) for b in FLAGS.decode_batches]
+  specs = bench_decode.specs(
+      workloads, batches=batches, prompt=8 if smoke else FLAGS.decode_prompt,
+      new=8 if smoke else FLAGS.decode_new, repeats=1 if smoke else FLAGS.decode_repeats,
+      smoke=smoke, profile_dir=FLAGS.profile_dir, jax_attention=FLAGS.decode_attention)
+  results = []
+  for spec in specs:
+    left = FLAGS.budget_s - (time.monotonic() - t_start) if FLAGS.budget_s else None
+    if left is not None and left < 20:
+      results.append({**spec, "status": "skipped", "error": "--budget_s spent"})
+      continue
+    print(f"running {spec['workload']} {spec['framework']} batches {spec['batch_sizes']} ...",
+          file=sys.stderr, flush=True)
+    timeout = min(FLAGS.run_timeout, left) if left is not None else FLAGS.run_timeout
+    res = (bench_decode.run_isolated(spec, timeout, FLAGS.log_file) if FLAGS.isolate
+           else bench_decode.run_worker(spec))
+    print(f"  -> {res.get('status')} {res.get('error', '')[:200]}", file=sys.stderr, flush=True)
+    results.append(res)
+    if FLAGS.out:
+      with open(FLAGS.out, "w") as f:
+        json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "argv": sys.argv, "results": train_results, "decode_results": results,
+                   "decode_rows": bench_decode.rows(results)}, f, indent=1)
+  print(bench_decode.table(results))
+  for line in bench_decode.goals(results):
     print("goal: " + line)
 
 

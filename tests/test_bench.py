@@ -17,6 +17,7 @@ import pytest
 
 from jaxtune.train import flops
 from launch import bench
+from launch import bench_decode
 from launch import bench_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,3 +142,80 @@ def test_smoke_run_prints_the_table_for_both_frameworks(tmp_path):
       assert r["framework"] == "torch" and r["status"] in ("unavailable", "error"), r
   qlora = next(r for r in results if r["framework"] == "jaxtune" and r["method"] == "qlora")
   assert qlora["base_bytes_per_param"]["projections"] == 0.53125  # 4 bits + bf16 scale per 64
+
+
+DECODE_HEADER = ["workload", "batch", "framework", "tokens/s", "device-only tokens/s",
+                 "roofline", "peak GiB", "vs hf static+compile"]
+
+
+def _decode_result(framework, tokens_per_s, *, variant=None, batches=(64, 256), status="ok"):
+  r = dict(kind="decode", workload="decode_1b", shape="1b", framework=framework,
+           variant=variant or ("auto" if framework == "jaxtune" else "peer"),
+           batch_sizes=list(batches), prompt=128, new=256, model={}, precision="bf16",
+           status=status, peak_bytes=10 * 2**30,
+           compiled=True if framework == "hf_static_compile" else None)
+  if status == "ok":
+    r["measured"] = {str(b): {"call_s": b * 256 / t, "tokens": b * 256}
+                     for b, t in zip(batches, tokens_per_s)}
+  return r
+
+
+def test_decode_roofline_table_and_goals():
+  """Roofline, hand-computed for the Llama-3.2-1B shape, prompt 128 + 256 new tokens.
+  Weights: 2 bytes * 1,235,746,816 matmul params = 2,471,493,632 bytes per step. KV cache at
+  the average context, 128 + 256 / 2 = 256 tokens: 2 (k, v) * 16 layers * 8 kv heads * 64
+  * 2 bytes * 256 tokens = 4,194,304 bytes per row: 2,147,483,648 at batch 256 and
+  536,870,912 at batch 64. Tokens/s at 4.8e12 B/s: 256 * 4.8e12 / 4,618,977,280 = 266,033
+  and 64 * 4.8e12 / 3,008,364,544 = 102,115. The ratio column and the goal verdicts follow
+  from the measured tokens/s; the goals judge the first (default) attention setting.
+  """
+  cfg = bench_workers.shape_cfg("1b", {"model": {}, "precision": "bf16"})
+  r256 = bench_decode.roofline(cfg, 256, 128, 256)
+  assert r256["weight_bytes"] == 2_471_493_632 and r256["kv_bytes"] == 2_147_483_648
+  assert r256["tokens_per_s"] == pytest.approx(266_033, abs=1)
+  r64 = bench_decode.roofline(cfg, 64, 128, 256)
+  assert r64["kv_bytes"] == 536_870_912
+  assert r64["tokens_per_s"] == pytest.approx(102_115, abs=1)
+
+  results = [_decode_result("jaxtune", (39_000, 84_000)),
+             _decode_result("jaxtune", (30_000, 60_000), variant="xla"),
+             _decode_result("hf_static_compile", (13_000, 21_000)),
+             _decode_result("hf_dynamic", (0, 0), status="error")]
+  lines = bench_decode.table(results).splitlines()
+  assert [c.strip() for c in lines[0].split("|")] == DECODE_HEADER
+  rows = {(r[1], r[2]): r for r in ([c.strip() for c in l.split("|")] for l in lines[2:])}
+  assert rows[("256", "jaxtune attn=auto")][3] == "84,000"
+  assert rows[("256", "jaxtune attn=auto")][5] == f"{100 * 84_000 / 266_033.4:.1f}%"
+  assert rows[("256", "jaxtune attn=auto")][7] == "4.00x"
+  assert rows[("64", "jaxtune attn=xla")][7] == f"{30 / 13:.2f}x"
+  assert rows[("64", "hf dynamic")][3].startswith("error")
+  verdicts = "\n".join(bench_decode.goals(results))
+  assert "decode 1B batch 256: 84,000 tokens/s (31.6% of roofline), 4.000x hf static+compile " \
+         "(goal >= 80k and >= 4x): MET" in verdicts
+  assert "decode 1B batch 64: 39,000 tokens/s, 3.000x hf static+compile (goal >= 3x): MET" \
+         in verdicts
+  assert "60,000" not in verdicts  # the goals judge the default (first) attention setting
+
+
+@pytest.mark.slow
+def test_decode_smoke_run_prints_the_table_for_every_side(tmp_path):
+  """--smoke --workloads=decode_1b: jaxtune's sampler and transformers generate (dynamic and
+  static cache) on the tiny shape on CPU, every row generating all 8 tokens; the sampler's
+  log-probs agree with the plain forward (bf16)."""
+  out = tmp_path / "decode.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--smoke",
+                         "--workloads=decode_1b", "--noisolate", f"--out={out}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  head = next(i for i, line in enumerate(lines) if line.startswith("workload"))
+  assert [c.strip() for c in lines[head].split("|")] == DECODE_HEADER
+  rows = [[c.strip() for c in line.split("|")] for line in lines[head + 2:head + 8]]
+  assert {(r[1], r[2]) for r in rows} == {(b, f) for b in ("2", "4") for f in (
+      "jaxtune attn=auto", "hf dynamic", "hf static (no compile)")}
+  results = json.loads(out.read_text())["decode_results"]
+  for r in results:
+    assert r["status"] == "ok", r
+    assert {b: m["tokens"] for b, m in r["measured"].items()} == {"2": 16, "4": 32}
+  jax_run = next(r for r in results if r["framework"] == "jaxtune")
+  assert jax_run["selfcheck"]["max_abs_logprob_diff"] < 0.05

@@ -23,6 +23,9 @@ Kernels are `x @ kernel` ([in, out]) through `layers.linear`, so a kernel leaf m
 4-bit `quant.QArray` or an adapter-wrapped leaf: PEFT methods (`jaxtune.peft`) turn the base
 params into such a tree with `adapters.apply(params)`, and the decoder runs it unchanged.
 `forward(..., lora=adapters)` is a shorthand for that; this module never imports peft.
+
+Sampling runs the same blocks over a KV cache (`models/cache.py`): `cached_hidden_states`
+once over the prompts (prefill), then once per new token (`jaxtune.sampling`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import tree
+from jaxtune.models import cache as cache_lib
 from jaxtune.models import head
 from jaxtune.models import layers
+from jaxtune.models import virtual_tokens
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -114,8 +119,27 @@ def _remat(fn, policy: str, *, scanned: bool = True):
   return jax.checkpoint(fn, policy=policies[policy], prevent_cse=not scanned)
 
 
-def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain):
-  """One decoder layer. x [B, T, D] -> [B, T, D]."""
+# The virtual-token hooks (prompt / prefix tuning) live in `virtual_tokens`.
+PREFIX_EMBEDDINGS = virtual_tokens.PREFIX_EMBEDDINGS
+_prepend_virtual = virtual_tokens.prepend
+
+
+def _attention(cfg, q, k, v, *, segment_ids, positions, n_virtual, prefix=None):
+  """`layers.attention` with virtual tokens (`virtual_tokens.attention`): an embedding
+  prefix of n_virtual tokens, or a layer's KV prefix (key, value) [P, K*Dh]."""
+  return virtual_tokens.attention(q, k, v, segment_ids=segment_ids, positions=positions,
+                                  impl=cfg.attention, sliding_window=cfg.sliding_window,
+                                  n_virtual=n_virtual, prefix=prefix)
+
+
+def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=None,
+           n_virtual=0):
+  """One decoder layer. x [B, T, D] -> (x [B, T, D], kv).
+
+  kv: None (training, scoring), or this layer's `cache.Layer` (sampling): attention then
+  stores this call's keys and values in the cache and reads the cached ones; the updated
+  view is returned. n_virtual: leading virtual tokens (prompt tuning, `virtual_tokens`).
+  """
 
   def lin(inp, p):
     return layers.linear(inp, p["kernel"], bias=p.get("bias"))
@@ -133,8 +157,16 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain):
   q = layers.apply_rope(q, positions, inv_freq)
   k = layers.apply_rope(k, positions, inv_freq)
   q = constrain(q, ("batch", "seq", "act_heads", None))
-  o = layers.attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention,
-                       sliding_window=cfg.sliding_window)
+  def self_attention():  # within this call's tokens (training, scoring, a prefill)
+    return _attention(cfg, q, k, v, segment_ids=segment_ids, positions=positions,
+                      n_virtual=n_virtual, prefix=virtual_tokens.layer_prefix(attn_p))
+
+  if kv is None:
+    o = self_attention()
+  else:
+    o, kv = kv.attend(q, k, v, positions=positions, impl=cfg.attention,
+                      sliding_window=cfg.sliding_window, prefill_attention=self_attention)
+  o = virtual_tokens.add_adaption(o, q, attn_p, lambda inp, name: lin(inp, attn_p[name]))
   o = lin(o.reshape(b, t, cfg.q_size).astype(dt), attn_p["o_proj"])
   x = x + o
   x = constrain(x, ("batch", "seq", "act_embed"))
@@ -144,7 +176,7 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain):
   g = layers.swiglu(lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
   g = constrain(g, ("batch", "seq", "act_mlp"))
   x = x + lin(g, mlp_p["down_proj"])
-  return constrain(x, ("batch", "seq", "act_embed"))
+  return constrain(x, ("batch", "seq", "act_embed")), kv
 
 
 def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
@@ -155,7 +187,10 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   positions [B, T] default to 0..T-1; segment_ids [B, T] (0 = padding) make attention
   block-diagonal for packed rows. `constrain(x, logical_axes)` adds sharding constraints.
   `params` may hold adapter-wrapped kernel leaves (`adapters.apply(params, rng)`), which
-  scan over layers like any other leaf and carry their own dropout keys.
+  scan over layers like any other leaf and carry their own dropout keys, and virtual tokens
+  (prompt / prefix tuning, `virtual_tokens`): an embedding prefix [N, D] runs in front of
+  every row (and packed segment) and its states are dropped, so the result is still
+  [B, T, D]; a per-layer KV prefix is seen by every query.
   """
   constrain = constrain or (lambda x, _: x)
   dt = DTYPES[cfg.dtype]
@@ -163,12 +198,13 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dt)
+  x, positions, segment_ids, n_virtual = _prepend_virtual(params, x, positions, segment_ids)
   x = constrain(x, ("batch", "seq", "act_embed"))
   inv_freq = layers.rope_inv_freq(cfg)
 
   def body(carry, layer):
-    y = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
-               inv_freq=inv_freq, constrain=constrain)
+    y, _ = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
+                  inv_freq=inv_freq, constrain=constrain, n_virtual=n_virtual)
     return y, None
 
   body = _remat(body, cfg.remat, scanned=cfg.scan_layers)
@@ -178,7 +214,69 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
     for i in range(cfg.num_layers):
       layer = jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"])
       x, _ = body(x, layer)
-  return head.final_norm(cfg, params, x)
+  return head.final_norm(cfg, params, x[:, n_virtual:])  # the real tokens' states only
+
+
+def split_layers(cfg: config_lib.ModelConfig, stacked: dict) -> tuple:
+  """The stacked layer params [L, ...] as a tuple of L per-layer trees (any leaf type).
+
+  The sampler slices them once, outside its decode loop, so that unrolled layers
+  (`scan_layers=False`) do not re-slice every weight at every token."""
+  return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
+               for i in range(cfg.num_layers))
+
+
+def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
+                         kv: cache_lib.KVCache, *, positions: jax.Array,
+                         segment_ids: jax.Array | None = None, slot=0, prefill: bool,
+                         constrain=None) -> tuple[jax.Array, cache_lib.KVCache]:
+  """`hidden_states` over a KV cache: final-normed h [B, T, D] and the updated cache.
+
+  prefill=True: tokens [B, P] are the (left-padded, segment 0) prompts, written to the
+  cache after the prompt-tuning prefix if params carry one (N virtual tokens first, so the
+  cache holds N + P columns and h is [B, P, D]). prefill=False: tokens [B, 1], one new
+  token per row at positions [B, 1], written at `slot` ([] int32). `kv.pos` must already hold the positions of this call's tokens
+  (`cache.prefill_positions`, `cache.write_positions`). With unrolled layers,
+  params["layers"] may already be `split_layers`' tuple. No remat: nothing is
+  differentiated.
+  """
+  if isinstance(params["layers"], dict):  # split_layers' tuple: checked at the prefill
+    virtual_tokens.refuse_kv_prefix_in_cache(params)
+  constrain = constrain or (lambda x, _: x)
+  x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(DTYPES[cfg.dtype])
+  x = constrain(x, ("batch", "seq", "act_embed"))
+  inv_freq = layers.rope_inv_freq(cfg)
+  n_virtual = 0
+  if prefill:  # prompt tuning: the virtual tokens go into the cache with the prompt
+    x, positions, segment_ids, n_virtual = _prepend_virtual(params, x, positions, segment_ids)
+  gapless = PREFIX_EMBEDDINGS not in params  # else padding sits between prefix and prompt
+
+  def run(x, layer, view):
+    return _block(cfg, x, layer, positions=positions, segment_ids=segment_ids,
+                  inv_freq=inv_freq, constrain=constrain, kv=view, n_virtual=n_virtual)
+
+  def view(k, v, i=None):
+    return cache_lib.Layer(k, v, kv.pos, slot, i, prefill=prefill, gapless=gapless)
+
+  if cfg.scan_layers:
+    def body(carry, xs):
+      x, k, v = carry
+      layer, i = xs
+      x, new = run(x, layer, view(k, v, i))
+      return (x, new.k, new.v), None
+
+    idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (params["layers"], idx))
+  else:
+    k, v = list(kv.k), list(kv.v)
+    per_layer = params["layers"]
+    if not isinstance(per_layer, tuple):
+      per_layer = split_layers(cfg, per_layer)
+    for i in range(cfg.num_layers):
+      x, new = run(x, per_layer[i], view(k[i], v[i]))
+      k[i], v[i] = new.k, new.v
+    k, v = tuple(k), tuple(v)
+  return head.final_norm(cfg, params, x[:, n_virtual:]), cache_lib.KVCache(k, v, kv.pos)
 
 
 def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
@@ -187,7 +285,9 @@ def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
   """tokens [B, T] int32 -> float32 logits [B, T, V].
 
   `lora` is None or any adapters object with `.apply(params) -> params` (e.g.
-  `jaxtune.peft.lora.Adapters`; no dropout here: that needs `apply(params, rng)`).
+  `jaxtune.peft.lora.Adapters`; no dropout here: that needs `apply(params, rng)`). With
+  prompt tuning the logits are the real tokens' only (PEFT's model returns N + T rows: the
+  N virtual tokens' first).
   """
   if lora is not None:
     if not callable(getattr(lora, "apply", None)):

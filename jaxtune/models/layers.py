@@ -152,6 +152,67 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """GQA attention over a KV cache. q [B, T, H, Dh]; k/v [B, K, S, Dh]; mask [B, T, S]
+  (True = visible) -> [B, T, H, Dh].
+
+  Query heads are grouped by kv head (head h reads kv head h // (H/K), as in HF's
+  repeat_kv) without repeating k/v: the products batch over (B, K), so a decode step reads
+  each cached key and value once. Scores and softmax in float32; a row that sees no slot
+  gets uniform weights instead of NaN.
+  """
+  b, t, h, dh = q.shape
+  kh = k.shape[1]
+  qg = q.reshape(b, t, kh, h // kh, dh)  # [B, T, K, G, Dh]
+  s = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * (dh ** -0.5)  # [B, K, G, T, S]
+  s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v)  # [B, T, K, G, Dh]
+  return o.reshape(b, t, h, dh).astype(q.dtype)
+
+
+def decode_attention_impl(impl: str, q: jax.Array, num_slots: int, sliding_window: int) -> str:
+  """'pallas' (`pallas_decode_attention`) or 'xla' (`cached_attention`) for a decode step.
+
+  'auto' picks the Pallas kernel on GPU in bf16/fp16 when the cache is not a ring (no
+  sliding window) and its slots split into power-of-two blocks; 'pallas' forces it (it
+  runs interpreted, slowly, off GPU); anything else is XLA."""
+  fits = not sliding_window and num_slots % 16 == 0
+  if impl == "pallas" and fits:
+    return "pallas"
+  if (impl == "auto" and fits and jax.default_backend() == "gpu"
+      and q.dtype in (jnp.bfloat16, jnp.float16)):
+    return "pallas"
+  return "xla"
+
+
+def pallas_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
+                            end: jax.Array) -> jax.Array:
+  """One query token per row over a KV cache with the Pallas/Triton decode kernel of
+  `jax.experimental.pallas.ops.gpu.decode_attention`. q [B, 1, H, Dh]; k/v [B, K, S, Dh];
+  the row's keys are the slots [start, end) (start [B], end [B] int32) -> [B, 1, H, Dh].
+
+  The slots split into blocks of up to 128; blocks past `end` are skipped, so a step reads
+  only the filled part of the cache. The kernel runs per (row, kv head) with that kv head's
+  query group, so k/v are read in place (no repeat, no transpose).
+  """
+  from jax.experimental.pallas.ops.gpu import decode_attention  # lazy: Triton
+  b, _, h, dh = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  block = next(c for c in (128, 64, 32, 16) if s % c == 0)
+  inner = functools.partial(
+      decode_attention.decode_attn_unbatched, sm_scale=dh ** -0.5, block_h=16, block_k=block,
+      k_splits=s // block, num_warps=None, num_stages=2, grid=None,
+      interpret=jax.default_backend() != "gpu", debug=False, return_residuals=False,
+      normalize_output=True)
+  qg = q.reshape(b, kh, h // kh, dh)  # [B, K, G, Dh]
+  lo = jnp.broadcast_to(start[:, None], (b, kh)).astype(jnp.int32)
+  hi = jnp.broadcast_to(end[:, None], (b, kh)).astype(jnp.int32)
+  o = jax.vmap(jax.vmap(inner))(qg, k.astype(q.dtype), v.astype(q.dtype), lo, hi)
+  return o.reshape(b, 1, h, dh)
+
+
 def _pallas_attention(q, k, v, segment_ids, *, interpret: bool):
   """Pallas flash attention, causal, segment-masked. q [B, T, H, Dh], k/v [B, T, K, Dh]."""
   from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # lazy: Triton
