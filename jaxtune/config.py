@@ -11,28 +11,33 @@ of the field they replace, so a typo or a bad value is a one-line error naming t
     >>> override(cfg, ["optim.lrr=1"])
     Traceback (most recent call last):
     ConfigError: unknown config key 'optim.lrr' (OptimConfig has: b1, b2, ...)
+
+The comment after a field (or right above it) is its doc: `--help_config` prints every key
+with type, default and doc (`help_text()`). The generic machinery lives in config_tree.py,
+the value and range checks in config_checks.py, path resolution in paths.py
+(`resolve_paths(cfg)`: local paths absolute, hub ids kept, a missing path one line).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-from typing import Any
 
+from jaxtune import config_checks
+from jaxtune import config_tree
+from jaxtune import paths
 
-class ConfigError(ValueError):
-  """A bad config key or value; the message names the key and what was expected."""
+ConfigError = config_tree.ConfigError  # a bad key or value; the message names the key
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Rope frequency scaling. kind: 'none', 'llama3' (Llama 3.1/3.2), 'linear'."""
-  kind: str = "none"
-  factor: float = 1.0
-  low_freq_factor: float = 1.0
-  high_freq_factor: float = 4.0
-  original_max_position_embeddings: int = 8192
+  kind: str = "none"  # none | llama3 (Llama 3.1/3.2) | linear
+  factor: float = 1.0  # context extension factor (llama3, linear)
+  low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are scaled
+  high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
+  original_max_position_embeddings: int = 8192  # llama3: the pre-extension context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,32 +49,32 @@ class ModelConfig:
   (dtype, param_dtype, remat, attention) stay as configured here.
   """
   family: str = "llama"  # llama | mistral | qwen2 | qwen3
-  vocab_size: int = 512
-  hidden_size: int = 128
-  intermediate_size: int = 384
-  num_layers: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int = 32
-  rope_theta: float = 10000.0
+  vocab_size: int = 512  # random init: at least the tokenizer's size (hf_path: read)
+  hidden_size: int = 128  # model width D
+  intermediate_size: int = 384  # MLP width F (SwiGLU)
+  num_layers: int = 4  # decoder blocks L
+  num_heads: int = 4  # query heads H
+  num_kv_heads: int = 2  # key/value heads (grouped-query attention; = H for MHA)
+  head_dim: int = 32  # per-head width Dh
+  rope_theta: float = 10000.0  # rotary embedding base
   rope_scaling: RopeScaling = RopeScaling()
-  rms_norm_eps: float = 1e-6
-  tie_word_embeddings: bool = True
+  rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+  tie_word_embeddings: bool = True  # the output head reuses the embedding matrix
   attention_bias: bool = False  # q/k/v biases (Qwen2)
   qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
-  max_position_embeddings: int = 2048
+  max_position_embeddings: int = 2048  # longest position the model was trained for
   sliding_window: int = 0  # 0 = full attention
   final_logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap) (models/head.py)
-  bos_token_id: int = -1
+  bos_token_id: int = -1  # -1 = none (random init: the tokenizer's)
   eos_token_id: tuple[int, ...] = ()
-  pad_token_id: int = -1
+  pad_token_id: int = -1  # -1 = none (random init: the tokenizer's)
   # Compute options, not architecture.
-  hf_path: str = ""
+  hf_path: str = ""  # HF dir, hub id, .gguf, run or checkpoint dir; "" = random init
   dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params (and master weights)
   remat: str = "none"  # none | full | dots | dots_no_batch | offload
   attention: str = "auto"  # auto | xla | cudnn | pallas (GPU flash kernel, packed segments)
-  scan_layers: bool = True
+  scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
   logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens
 
   @property
@@ -96,30 +101,53 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PeftConfig:
-  """Parameter-efficient fine-tuning: none (full FT), lora, or qlora (4-bit base)."""
-  method: str = "none"  # none | lora | qlora
-  rank: int = 8
-  alpha: float = 16.0
-  rslora: bool = False
-  dropout: float = 0.0
+  """Parameter-efficient fine-tuning: none (full FT) or one of `jaxtune.peft.METHODS`.
+
+  lora / qlora / dora / qdora use rank, alpha, rslora, dropout, targets; ia3 its own
+  regexes; prompt_tuning and prefix_tuning the virtual-token options, llama_adapter its
+  adapter_* options; q* methods the 4-bit base options.
+  """
+  # none | lora | qlora | dora | qdora | ia3 | prompt_tuning | prefix_tuning | llama_adapter
+  method: str = "none"
+  rank: int = 8  # LoRA / DoRA rank r
+  alpha: float = 16.0  # adapter scale alpha / r (alpha / sqrt(r) with rslora)
+  rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+  dropout: float = 0.0  # LoRA dropout on the adapter input, in [0, 1) (method=sft)
   # Regex over param paths ("layers/self_attn/q_proj/kernel"); default: all projections.
   targets: str = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
-  quant_method: str = "nf4"  # nf4 | int4 (qlora only)
-  quant_group_size: int = 64
-  double_quant: bool = False
+  quant_method: str = "nf4"  # nf4 | int4 (qlora, qdora)
+  quant_group_size: int = 64  # weights per 4-bit quantisation block (qlora, qdora)
+  double_quant: bool = False  # quantise the block scales too (QLoRA's double quantisation)
+  # ia3: kernels that get a learned scaling vector (PEFT's Llama defaults: k, v, down_proj),
+  # and those of them whose INPUT is scaled (PEFT's feedforward_modules); the rest scale
+  # their output.
+  ia3_targets: str = r"layers/(self_attn/(k_proj|v_proj)|mlp/down_proj)/kernel"
+  ia3_feedforward: str = r"layers/mlp/down_proj/kernel"  # ia3: targets scaled on the input
+  # prompt_tuning: trainable embeddings prepended to every sequence (and packed segment).
+  num_virtual_tokens: int = 20
+  prompt_init: str = "random"  # random (PEFT's default, N(0, 1)) | sample_vocab | text
+  prompt_init_text: str = ""  # prompt_init=text: embeddings of this text's tokens, repeated
+  prompt_tokenizer: str = ""  # prompt_init=text: tokenizer dir (PEFT tokenizer_name_or_path)
+  # prefix_tuning (num_virtual_tokens per layer): train the key/value prefixes through PEFT's
+  # reparameterisation MLP (its output is what is saved), of this hidden size (0 = K*Dh).
+  prefix_projection: bool = False
+  prefix_hidden: int = 0  # prefix_tuning: hidden size of the projection MLP (0 = K*Dh)
+  # llama_adapter: adapter_len prompt vectors in each of the top adapter_layers layers (0 = all)
+  adapter_len: int = 10
+  adapter_layers: int = 0  # llama_adapter: top layers with adapter prompts (0 = all)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """AdamW with warmup and decay; no weight decay on norms and biases (see train/optim.py)."""
-  lr: float = 3e-3
+  lr: float = 3e-3  # peak learning rate
   schedule: str = "cosine"  # cosine | linear | constant
-  warmup_steps: int = 20
-  end_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
+  warmup_steps: int = 20  # linear warmup from 0 to lr
+  end_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine, linear)
+  weight_decay: float = 0.0  # AdamW decoupled weight decay (not on norms and biases)
+  b1: float = 0.9  # AdamW beta1
+  b2: float = 0.95  # AdamW beta2
+  eps: float = 1e-8  # AdamW epsilon
   clip_norm: float = 1.0  # 0 disables
   grad_accum: int = 1  # micro-batches per optimizer step
 
@@ -127,49 +155,59 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Device mesh axes; -1 on one axis means 'all remaining devices'."""
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
+  data: int = 1  # data-parallel replicas
+  fsdp: int = -1  # fully sharded data parallel (params sharded); -1 = the rest
+  tensor: int = 1  # tensor parallel (heads / MLP split)
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where examples come from and how they become [B, T] batches."""
+  """Where examples come from and how they become [B, T] batches (see jaxtune/data/)."""
   train_files: str = ""  # comma-separated paths / dirs / 'hf:NAME[:split]'; "" = bundled sample
-  eval_files: str = ""
-  eval_fraction: float = 0.05  # held-out share when eval_files is empty
+  eval_files: str = ""  # like train_files; "" = hold out eval_fraction of each train source
+  eval_fraction: float = 0.05  # held-out share of records when eval_files is empty, in [0, 1)
   format: str = "auto"  # auto | text | chat | instruction | prompt_completion | preference | prompt
-  text_field: str = "text"
+  text_field: str = "text"  # the record field holding raw text (format=text)
   weights: str = ""  # comma-separated sampling weights, one per train file (mixture)
-  tokenizer: str = ""  # dir or hub id; "" = model.hf_path, else the bundled tokenizer
-  chat_template: str = ""  # path to a jinja template used when the tokenizer has none
+  tokenizer: str = ""  # dir, run dir or hub id; "" = model.hf_path's own, else the bundled one
+  chat_template: str = ""  # jinja template file (or text) replacing the tokenizer's template
   loss_policy: str = "auto"  # auto | assistant | last_assistant | all | completion
-  seq_len: int = 128
-  batch_size: int = 16  # global batch (examples or packed rows) per optimizer step
-  pack: bool = True
-  truncation: str = "truncate_right"  # error | truncate_right | truncate_left | drop
-  on_bad_record: str = "error"  # error | skip
-  check_template: bool = True
-  seed: int = 0
+  seq_len: int = 512  # tokens per row; longer examples follow data.truncation
+  batch_size: int = 4  # global batch (examples or packed rows) per optimizer step
+  pack: bool = True  # pack several examples per row (segment ids keep them apart)
+  # auto: text documents are split into seq_len windows, everything else is cut at the
+  # right (prompts at the left) | split | error | truncate_right | truncate_left | drop
+  truncation: str = "auto"
+  stride: int = 0  # split: tokens between window starts; 0 = seq_len - 1 (each token once)
+  # auto: a chat whose generation prompt is not a prefix of its rendering (Mistral v3 with a
+  # system prompt) is rendered turn by turn | full (always one rendering) | turns
+  chat_render: str = "auto"
+  on_bad_record: str = "error"  # error | skip (count and report bad records instead)
+  check_template: bool = True  # a turn that renders differently later is an error (else untrained)
+  seed: int = 0  # shuffling and mixture draws
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-  every_steps: int = 100
-  keep: int = 3
-  async_save: bool = True
+  every_steps: int = 100  # steps between checkpoints
+  keep: int = 3  # checkpoints kept (the latest ones)
+  async_save: bool = True  # save in the background while training continues
   export_hf: bool = True  # write WORKDIR/hf at the end of training
+  # Keep the checkpoint with the best val_loss outside the keep-N rotation and export it
+  # at the end (always on with train.early_stopping_patience > 0).
+  keep_best: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  max_steps: int = 200
-  log_every: int = 1
-  eval_every: int = 50
-  eval_batches: int = 4
+  max_steps: int = 200  # optimizer steps of the whole run
+  log_every: int = 1  # steps between metrics.jsonl / TensorBoard rows
+  eval_every: int = 50  # steps between validation losses; 0 = never
+  eval_batches: int = 4  # eval batches per evaluation; 0 = all
   early_stopping_patience: int = 0  # evals without improvement before stopping; 0 = off
-  seed: int = 0
-  progress: bool = True
+  max_skipped: int = 10  # consecutive steps with a non-finite loss/grad norm before stopping
+  seed: int = 0  # init, adapter and dropout randomness
+  progress: bool = True  # show the progress bar
 
 
 # One section per training method (`--set=dpo.beta=0.2`). The allowed values of each
@@ -181,10 +219,14 @@ class LoopConfig:
 class DpoConfig:
   """method=dpo: DPO-family preference losses (see jaxtune/methods/dpo.py)."""
   loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust | simpo | orpo
-  beta: float = 0.1
-  label_smoothing: float = 0.0
-  simpo_gamma: float = 0.5
+  beta: float = 0.1  # strength of the KL anchor to the reference
+  label_smoothing: float = 0.0  # conservative DPO / robust: assumed label noise
+  simpo_gamma: float = 0.5  # simpo: target reward margin
   reference: str = "frozen"  # frozen | adapters_off | precomputed
+  # ORPO's NLL term: token = mean over every chosen token of the batch, prompt included
+  # (TRL's ORPOTrainer, the ORPO reference code); sequence = mean over pairs of each chosen
+  # response's mean NLL (jaxtune before this option).
+  orpo_nll: str = "token"  # token | sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,13 +239,41 @@ class RewardConfig:
 class DistillConfig:
   """method=distill: a student matching a frozen teacher (see jaxtune/methods/distill.py)."""
   kind: str = "forward_kl"  # forward_kl | reverse_kl | jsd
-  temperature: float = 1.0
+  temperature: float = 1.0  # softmax temperature of student and teacher
   beta: float = 0.5  # JSD mixing weight
   alpha: float = 1.0  # weight of the distillation term vs. cross-entropy
-  top_k: int = 0
-  teacher_path: str = ""
-  teacher_logits_file: str = ""
+  top_k: int = 0  # 0 = full vocabulary; k = the teacher's top-k logits only
+  teacher_path: str = ""  # teacher: HF dir, hub id or run dir (same tokenizer)
+  teacher_logits_file: str = ""  # precomputed teacher top-k (launch/teacher_logits.py)
   teacher_quant: str = "none"  # none | nf4 | int4
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoConfig:
+  """method=grpo: group-relative policy optimisation with rollouts from the engine's own
+  sampler (see jaxtune/methods/grpo.py). data.batch_size prompts per rollout."""
+  num_generations: int = 4  # completions sampled per prompt (G)
+  max_new_tokens: int = 32  # completion length limit
+  temperature: float = 1.0  # sampling temperature
+  top_k: int = 0  # sampling: keep the k most likely tokens; 0 = off
+  top_p: float = 1.0  # sampling: nucleus probability; 1 = off
+  min_p: float = 0.0  # sampling: drop tokens below min_p * the top probability; 0 = off
+  beta: float = 0.04  # KL penalty to the reference (0: no reference is kept)
+  epsilon_low: float = 0.2  # PPO clip below: ratio >= 1 - epsilon_low
+  epsilon_high: float = 0.2  # PPO clip above: ratio <= 1 + epsilon_high (DAPO clip-higher)
+  kl_estimator: str = "k3"  # k1 | k3
+  loss_agg: str = "token_mean"  # token_mean | seq_mean | dr_grpo
+  scale_rewards: str = "group"  # group | batch | none: what the advantage is divided by
+  num_iterations: int = 1  # policy updates per rollout batch
+  mini_batches: int = 1  # the rollout batch is split into this many updates per iteration
+  old_logps: str = "trainer"  # trainer | sampler (with truncated importance sampling)
+  tis_cap: float = 2.0  # cap of the sampler/trainer importance weight (old_logps=sampler)
+  reward_fns: str = ""  # builtin:NAME | path/file.py:func | package.module:func, comma-separated
+  reward_weights: str = ""  # one weight per reward function (default 1 each)
+  reward_model: str = ""  # an HF *ForSequenceClassification dir (method=reward export)
+  format_regex: str = ""  # for builtin:format
+  overlong_buffer: int = 16  # for builtin:overlong (DAPO's soft length penalty)
+  log_samples_every: int = 10  # steps between prompt/completion/reward rows in samples.jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,37 +289,7 @@ class TrainConfig:
   dpo: DpoConfig = DpoConfig()
   reward: RewardConfig = RewardConfig()
   distill: DistillConfig = DistillConfig()
-
-
-def _parse_value(key: str, text: str, typ: Any) -> Any:
-  """Parses `text` as a value of type `typ` (from the dataclass annotation)."""
-  origin = typing.get_origin(typ)
-  try:
-    if typ is bool:
-      low = text.strip().lower()
-      if low in ("1", "true", "yes", "on"):
-        return True
-      if low in ("0", "false", "no", "off"):
-        return False
-      raise ValueError("expected true/false")
-    if typ is int:
-      return int(text)
-    if typ is float:
-      return float(text)
-    if typ is str:
-      return text
-    if origin is tuple:
-      (elem,) = {a for a in typing.get_args(typ) if a is not Ellipsis}
-      parts = [p for p in text.replace("[", "").replace("]", "").split(",") if p.strip()]
-      return tuple(_parse_value(key, p.strip(), elem) for p in parts)
-  except ValueError as e:
-    raise ConfigError(f"bad value for {key}: {text!r} is not a {getattr(typ, '__name__', typ)}"
-                      f" ({e})") from None
-  raise ConfigError(f"config key {key} has unsupported type {typ}")
-
-
-def _field_types(cls) -> dict[str, Any]:
-  return typing.get_type_hints(cls)
+  grpo: GrpoConfig = GrpoConfig()
 
 
 def override(cfg, assignments: list[str] | tuple[str, ...]):
@@ -258,77 +298,24 @@ def override(cfg, assignments: list[str] | tuple[str, ...]):
     if "=" not in item:
       raise ConfigError(f"override {item!r} is not of the form key=value")
     key, text = item.split("=", 1)
-    cfg = _set(cfg, key.strip(), key.strip().split("."), text)
+    cfg = config_tree.set_path(cfg, key.strip(), text)
   validate(cfg)
   return cfg
 
 
-def _set(obj, full_key: str, parts: list[str], text: str):
-  if not dataclasses.is_dataclass(obj):
-    raise ConfigError(f"unknown config key {full_key!r}")
-  names = [f.name for f in dataclasses.fields(obj)]
-  head = parts[0]
-  if head not in names:
-    raise ConfigError(f"unknown config key {full_key!r} ({type(obj).__name__} has: "
-                      f"{', '.join(names)})")
-  cur = getattr(obj, head)
-  if len(parts) > 1:
-    return dataclasses.replace(obj, **{head: _set(cur, full_key, parts[1:], text)})
-  if dataclasses.is_dataclass(cur):
-    raise ConfigError(f"config key {full_key!r} is a section; set one of its fields "
-                      f"({', '.join(f.name for f in dataclasses.fields(cur))})")
-  typ = _field_types(type(obj))[head]
-  return dataclasses.replace(obj, **{head: _parse_value(full_key, text, typ)})
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+  """`cfg` with local paths absolute and hub ids kept; a missing local path is a
+  ConfigError saying "no such directory" (see jaxtune/paths.py)."""
+  return paths.resolve(cfg)
 
 
-# Options whose values no registry owns. `method`, `model.family`, `peft.method` and the
-# method sections are checked by their registries / modules (jaxtune.methods.check).
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "offload"),
-    "model.attention": ("auto", "xla", "cudnn", "pallas"),
-    "model.rope_scaling.kind": ("none", "llama3", "linear"),
-    "peft.quant_method": ("nf4", "int4"),
-    "optim.schedule": ("cosine", "linear", "constant"),
-    "data.format": ("auto", "text", "chat", "instruction", "prompt_completion", "preference",
-                    "prompt"),
-    "data.loss_policy": ("auto", "assistant", "last_assistant", "all", "completion"),
-    "data.truncation": ("error", "truncate_right", "truncate_left", "drop"),
-    "data.on_bad_record": ("error", "skip"),
-}
+def help_text() -> str:
+  """Every --set key with its type, default and doc (the field comments below)."""
+  return config_tree.help_text(TrainConfig)
 
 
-def _get(cfg, key: str):
-  for p in key.split("."):
-    cfg = getattr(cfg, p)
-  return cfg
-
-
-def check_choice(key: str, value, choices) -> None:
-  """Raises the one-line ConfigError naming `key` unless `value` is one of `choices`."""
-  if value not in choices:
-    raise ConfigError(f"bad value for {key}: {value!r} (expected one of "
-                      f"{', '.join(map(str, choices))})")
-
-
-def validate(cfg: TrainConfig) -> None:
-  """Raises ConfigError naming the first key whose value is out of range.
-
-  Generic settings only; `jaxtune.methods.check(cfg)` adds the method, family and PEFT
-  checks owned by their modules."""
-  for key, choices in _CHOICES.items():
-    check_choice(key, _get(cfg, key), choices)
-  positive = ["train.max_steps", "data.seq_len", "data.batch_size", "optim.grad_accum",
-              "checkpoint.every_steps", "checkpoint.keep", "train.log_every", "peft.rank"]
-  for key in positive:
-    if _get(cfg, key) <= 0:
-      raise ConfigError(f"bad value for {key}: {_get(cfg, key)} (expected > 0)")
-  if cfg.data.batch_size % cfg.optim.grad_accum:
-    raise ConfigError(f"bad value for optim.grad_accum: {cfg.optim.grad_accum} does not divide "
-                      f"data.batch_size={cfg.data.batch_size}")
-  if cfg.optim.lr < 0:
-    raise ConfigError(f"bad value for optim.lr: {cfg.optim.lr} (expected >= 0)")
+check_choice = config_checks.check_choice  # ConfigError naming the key unless value in choices
+validate = config_checks.validate  # ConfigError naming the first key out of range
 
 
 def to_dict(cfg) -> dict:
@@ -359,20 +346,7 @@ def _migrate(d: dict) -> dict:
 
 def from_dict(cls, d: dict):
   """Inverse of to_dict for nested frozen dataclasses (unknown keys are errors)."""
-  hints = _field_types(cls)
-  if cls is TrainConfig:
-    d = _migrate(d)
-  kwargs = {}
-  for k, v in d.items():
-    if k not in hints:
-      raise ConfigError(f"unknown config key {k!r} for {cls.__name__}")
-    typ = hints[k]
-    if dataclasses.is_dataclass(typ):
-      v = from_dict(typ, v)
-    elif typing.get_origin(typ) is tuple:
-      v = tuple(v)
-    kwargs[k] = v
-  return cls(**kwargs)
+  return config_tree.from_dict(cls, _migrate(d) if cls is TrainConfig else d)
 
 
 def to_json(cfg) -> str:

@@ -7,7 +7,8 @@ launchers all load through here, so a source that works for one works for all:
     ""                              a random init of `base` (seeded, sharded on the mesh)
     HF directory or hub id          safetensors weights (`hf.io.load_hf`, never pickles)
     jaxtune run dir / checkpoint    the trained params (full FT) or, for a PEFT run, its base
-                                    (loaded the way the run loaded it) and its adapters
+    (workdir, its checkpoints/,     (loaded the way the run loaded it) and its adapters
+    or checkpoints/STEP)
     + quant=Quant(...)              projections quantized to 4 bits on the host as they load
     + adapter=PEFT_DIR              adapters read from a Hugging Face PEFT directory
 
@@ -28,7 +29,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import checkpoint
@@ -82,8 +82,8 @@ def load(source: str, *, mesh=None, base: config_lib.ModelConfig | None = None,
     w = Weights(*_random(base or config_lib.ModelConfig(), mesh, seed=seed,
                          vocab_size=vocab_size))
     w.params = _quantize(w.params, quant)
-  elif checkpoint.is_run(source):
-    w = _from_run(source, mesh, base, step, quant)
+  elif (run := checkpoint.locate(source)) is not None:  # workdir, checkpoints dir, step dir
+    w = _from_run(run[0], mesh, base, step if step is not None else run[1], quant)
   else:  # quantized on the host as it loads
     w = Weights(*_from_hf(source, mesh, base or config_lib.ModelConfig(), quant))
   if adapter:
@@ -146,8 +146,13 @@ def _from_run(source: str, mesh, base, step: int | None, quant: Quant | None) ->
   method = peft.get(run_cfg.peft.method)
   template = method.init(inner.model_cfg, inner.params, run_cfg.peft,
                          jax.random.PRNGKey(0))
-  body = {k: v for k, v in trainable.items() if k in template.params}
-  adapters = dataclasses.replace(template, params=jax.tree_util.tree_map(jnp.asarray, body))
+  # The adapter leaves go onto THIS mesh by their logical axes (the checkpoint may have been
+  # written from another device layout), through host memory.
+  body = jax.tree_util.tree_map(np.asarray,
+                                {k: v for k, v in trainable.items() if k in template.params})
+  axes = method.axes(inner.model_cfg, dataclasses.replace(template, params=body)).params
+  adapters = dataclasses.replace(
+      template, params=jax.device_put(body, sharding.tree_shardings(mesh, axes, body)))
   return Weights(with_compute_options(inner.model_cfg, base), inner.params, adapters, run_cfg,
                  trainable, meta)
 

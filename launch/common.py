@@ -1,28 +1,39 @@
-"""Flags and runtime set-up shared by the launchers: config loading, overrides, multi-host.
+"""Flags and runtime set-up shared by the launchers: config loading, overrides, multi-host,
+and how every launcher reports an error (one line) or its help (exit status 0).
 
-`--config=configs/NAME.py[:ARG]` imports the file and calls `get_config(ARG)`; no --config
-means the built-in default job (`TrainConfig()`). `--set=key=value` (repeatable) overrides
-any field with type checking; a bad key or value exits with a one-line error naming it.
-Several hosts: `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or
-`--distributed=auto` to let JAX detect the cluster (Cloud TPU, SLURM) when present.
+`--config=configs/NAME.py[:ARG]` imports the file and calls `get_config(ARG)`; a recipe
+shipped with jaxtune can be named without its directory (`--config=sft_chat:MODEL`, what
+an installed `jaxtune train` uses); no --config means the built-in default job
+(`TrainConfig()`). `--set=key=value` (repeatable) overrides any field with type checking;
+local paths are then made absolute (`config.resolve_paths`). Several hosts:
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or `--distributed=auto`
+to let JAX detect the cluster (Cloud TPU, SLURM) when present.
+
+Errors: `run(main)` prints every error as one line `error: ...` on stderr (a config, data or
+usage error exits 2, anything else 1); `--verbose` shows the traceback instead. `--help`
+prints the launcher's flags and exits 0.
 """
 
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
 
 from absl import app
 from absl import flags
 
 FLAGS = flags.FLAGS
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 
 def define_config_flags():
-  flags.DEFINE_string("config", None, "Recipe file configs/NAME.py[:ARG] with get_config(arg). "
-                      "Default: the built-in tiny job on the bundled sample data.")
+  flags.DEFINE_string("config", None, "Recipe file configs/NAME.py[:ARG] with get_config(arg), "
+                      "or the name of a recipe shipped with jaxtune (NAME[:ARG]). Default: the "
+                      "built-in tiny job on the bundled sample data.")
   flags.DEFINE_multi_string("set", [], "Override a config field, e.g. --set=optim.lr=1e-5 "
-                            "--set=train.max_steps=100 --set=model.hf_path=DIR_OR_ID.")
+                            "--set=train.max_steps=100 --set=model.hf_path=DIR_OR_ID. "
+                            "--help_config lists every key with its type, default and doc.")
   define_runtime_flags()
 
 
@@ -37,6 +48,8 @@ def define_runtime_flags():
   flags.DEFINE_string("cpu_collectives", None, "CPU collectives for multi-process CPU runs "
                       "(e.g. 'gloo'); tests use it.")
   flags.DEFINE_integer("local_device_count", None, "CPU only: simulate this many devices.")
+  flags.DEFINE_bool("verbose", False, "On an error, show the full traceback instead of the "
+                    "one-line message.")
 
 
 def _cluster_detected() -> bool:
@@ -82,25 +95,54 @@ def setup_runtime() -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def recipes_dir() -> pathlib.Path:
+  """The shipped recipes: jaxtune/recipes in an installed wheel, configs/ in a checkout."""
+  import jaxtune  # pylint: disable=g-import-not-at-top
+  package = pathlib.Path(jaxtune.__file__).resolve().parent
+  installed = package / "recipes"
+  return installed if installed.is_dir() else package.parent / "configs"
+
+
+def recipe_path(name: str) -> str:
+  """The file --config names: a path, else a shipped recipe ('sft_chat', 'configs/lora.py')."""
+  if os.path.exists(name):
+    return name
+  stem = pathlib.Path(name).name
+  stem = stem[:-3] if stem.endswith(".py") else stem
+  shipped = recipes_dir() / f"{stem}.py"
+  if shipped.is_file():
+    return str(shipped)
+  known = sorted(p.stem for p in recipes_dir().glob("*.py") if not p.stem.startswith("_"))
+  raise app.UsageError(f"--config: no such file {name} and no shipped recipe {stem!r} "
+                       f"(shipped: {', '.join(known)})")
+
+
 def load_config():
+  """The run's TrainConfig: the recipe (or the default job), --set overrides, and its
+  local paths made absolute. Bad keys, values, recipe arguments and paths raise errors that
+  `run` prints as one line."""
   from jaxtune import config as config_lib
   if FLAGS.config:
-    path, _, arg = FLAGS.config.partition(":")
-    if not os.path.exists(path):
-      raise app.UsageError(f"--config: no such file {path}")
-    spec = importlib.util.spec_from_file_location("jaxtune_recipe", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec, _, arg = FLAGS.config.partition(":")
+    path = recipe_path(spec)
+    loader = importlib.util.spec_from_file_location("jaxtune_recipe", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
     if not hasattr(module, "get_config"):
       raise app.UsageError(f"--config: {path} has no get_config(arg)")
-    cfg = module.get_config(arg or None)
+    try:
+      cfg = module.get_config(arg or None)
+    except (config_lib.ConfigError, app.UsageError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (a recipe's own argument check)
+      raise config_lib.ConfigError(f"--config={FLAGS.config}: get_config({arg or None!r}) "
+                                   f"failed: {one_line(e)}") from e
   else:
     cfg = config_lib.TrainConfig()
-  try:
-    return config_lib.override(cfg, FLAGS.set)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cfg = config_lib.override(cfg, FLAGS.set)
+  from jaxtune import methods  # pylint: disable=g-import-not-at-top
+  methods.check(cfg)  # a bad option is refused first, in seconds
+  return config_lib.resolve_paths(cfg)
 
 
 def print_once(msg: str) -> None:
@@ -109,16 +151,39 @@ def print_once(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run(main):
-  """app.run with data/config errors printed as one line instead of a traceback."""
+def one_line(e: BaseException) -> str:
+  """The exception as one line: its message (whitespace collapsed), with its type unless it
+  is one of the errors jaxtune raises for bad input (ValueErrors, usage errors)."""
+  text = " ".join(str(e).split())
+  if isinstance(e, (ValueError, app.UsageError)) and text:
+    return text
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _usage_errors() -> tuple[type, ...]:
   from jaxtune import config as config_lib
   from jaxtune.data import errors as data_errors
+  return (config_lib.ConfigError, data_errors.DataError, app.UsageError)
+
+
+def run(main):
+  """app.run with --help exiting 0 and every error printed as one line (see module doc)."""
+  argv = sys.argv[1:]
+  help_flags = [a for a in argv if a in HELP_FLAGS]
+  if help_flags:  # absl's own --help exits 1
+    app.usage(shorthelp=help_flags[0] != "--helpfull", writeto_stdout=True, exitcode=0)
 
   def wrapped(argv):
     try:
       return main(argv)
-    except (config_lib.ConfigError, data_errors.DataError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+    except (SystemExit, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if FLAGS.verbose:
+        raise
+      usage = isinstance(e, _usage_errors())
+      hint = "" if usage else " (--verbose shows the traceback)"
+      print(f"error: {one_line(e)}{hint}", file=sys.stderr, flush=True)
+      sys.exit(2 if usage else 1)
 
   app.run(wrapped)

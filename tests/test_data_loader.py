@@ -41,7 +41,7 @@ def _example_keys(batch):
 
 
 CASES = {
-    "packed": (config.DataConfig(batch_size=16, eval_fraction=0.0), "sft"),
+    "packed": (config.DataConfig(batch_size=16, seq_len=128, eval_fraction=0.0), "sft"),
     "mixture": (config.DataConfig(train_files=f"{CHAT},{TEXT}", weights="0.7,0.3",
                                   batch_size=12, eval_fraction=0.0, seed=3), "sft"),
     "preference": (config.DataConfig(batch_size=32, eval_fraction=0.0), "preference"),

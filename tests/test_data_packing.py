@@ -176,7 +176,7 @@ def test_prompt_longer_than_window_is_dropped_for_no_loss_tokens(tok):
 
 
 def test_preference_batches_pair_chosen_and_rejected(tok):
-  ds = pipeline.build(_cfg(batch_size=4), tok, kind="preference")
+  ds = pipeline.build(_cfg(batch_size=4, seq_len=128), tok, kind="preference")
   batch = next(ds.train)
   assert all(v.shape == (4, 2, 128) for v in batch.values())
   for b in range(4):

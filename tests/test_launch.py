@@ -5,6 +5,7 @@ import signal
 import subprocess
 import time
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,6 +13,7 @@ import torch
 import transformers
 
 import jaxtune
+from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import weights
 from tests import hf_models
 from tests import launch_utils as lu
@@ -118,6 +120,7 @@ def test_early_stopping_on_val_loss(tmp_path):
   p = lu.run("train.py", TINY, f"--workdir={wd}", "--set=optim.lr=0",
              "--set=train.eval_every=2", "--set=train.early_stopping_patience=1")
   assert "early stopping at step 4" in p.stderr + p.stdout
+  assert "HF export of step 2" in p.stdout and "'exported_step': 2" in p.stdout  # the best
   assert max(lu.losses(wd)) and sorted(lu.losses(wd)) == [1, 2, 3, 4]
   vals = [m["val_loss"] for m in lu.metrics(wd) if "val_loss" in m]
   assert len(vals) == 2 and vals[0] == vals[1]
@@ -150,3 +153,44 @@ def test_rerun_after_early_stop_does_not_train_on(tmp_path):
   assert "'step': 4" in p.stdout
   assert sorted(lu.losses(wd)) == [1, 2, 3, 4]
   assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())[-1] == 4
+
+
+def test_resume_with_a_changed_setting_is_refused_in_seconds(tmp_path):
+  """A LoRA workdir re-run with another peft.alpha / peft.rank / model.num_layers exits 2
+  with one line naming the key, before any data or weights are read; raising
+  train.max_steps (a safe key) resumes."""
+  wd = str(tmp_path / "lora")
+  base = [TINY, f"--workdir={wd}", "--set=peft.method=lora", "--set=train.eval_every=0",
+          "--set=checkpoint.export_hf=false"]
+  lu.run("train.py", *base, "--set=train.max_steps=4")
+  for flag, named in [("--set=peft.alpha=64", "peft.alpha 16.0 -> 64.0"),
+                      ("--set=peft.rank=4", "peft.rank 8 -> 4"),
+                      ("--set=model.num_layers=3", "model.num_layers 2 -> 3")]:
+    t = time.time()
+    p = lu.run("train.py", *base, "--set=train.max_steps=4", flag, check=False)
+    elapsed = time.time() - t
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot resume") and named in lines[-1], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "examples from" not in p.stderr + p.stdout
+    print(f"{flag}: refused in {elapsed:.1f}s (process start included)")
+    assert elapsed < 60
+  p = lu.run("train.py", *base, "--set=train.max_steps=6")
+  assert "'resumed_from': 4" in p.stdout and "'status': 'completed'" in p.stdout
+
+
+def test_diverging_run_stops_after_max_skipped_and_exits_4(tmp_path):
+  """lr=1e30 blows the weights up after the first update: every later step's loss is not
+  finite, its update is skipped, and after 3 in a row the run stops with exit status 4."""
+  wd = str(tmp_path / "nan")
+  p = lu.run("train.py", TINY, f"--workdir={wd}", "--set=optim.lr=1e30",
+             "--set=optim.warmup_steps=0", "--set=train.max_skipped=3",
+             "--set=checkpoint.every_steps=1", "--set=train.eval_every=0", check=False)
+  assert p.returncode == 4, p.stderr[-3000:]
+  assert "consecutive steps" in p.stdout and "train.max_skipped=3" in p.stdout, p.stdout
+  rows = [m for m in lu.metrics(wd) if "loss" in m]
+  assert np.isfinite(rows[0]["loss"]) and [r["skipped_steps"] for r in rows][-1] == 3
+  last = max(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  trainable, _ = checkpoint_lib.read(wd, last)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(trainable))
+  assert not os.path.exists(os.path.join(wd, "hf"))

@@ -134,7 +134,7 @@ def test_objective_masks_the_prompt_and_matches_the_library_losses(full_job):
   np.testing.assert_allclose(got["logps/rejected"], lp[:, 1].mean(), rtol=1e-5)
   # Every loss type, one jit: the objective against the library loss on numpy log-probs.
   types = ("ipo", "hinge", "robust", "simpo", "orpo")
-  mcs = {lt: dataclasses.replace(job.cfg.dpo, loss_type=lt,
+  mcs = {lt: dataclasses.replace(job.cfg.dpo, loss_type=lt, orpo_nll="sequence",
                                  label_smoothing=0.1 if lt == "robust" else 0.0) for lt in types}
   objs = {lt: dpo.make_objective(run.model_cfg, mcs[lt], dpo.reference_mode(
       dataclasses.replace(job.cfg, dpo=mcs[lt]))) for lt in types}
@@ -149,6 +149,53 @@ def test_objective_masks_the_prompt_and_matches_the_library_losses(full_job):
   for lt in types:
     loss_sum, (n, _) = out[lt]
     np.testing.assert_allclose(float(loss_sum) / float(n), want[lt], rtol=1e-5, err_msg=lt)
+
+
+def numpy_token_logps(model_cfg, params, batch):
+  """[B, 2, T] float64 log-prob of each target token, from plain decoder.forward logits."""
+  b, _, t = batch["tokens"].shape
+  logits = np.asarray(_forward(model_cfg)(params, batch["tokens"].reshape(2 * b, t), None),
+                      np.float64)  # [2B, T, V]
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, batch["targets"].reshape(2 * b, t)[..., None], -1)[..., 0]
+  return picked.reshape(b, 2, t)
+
+
+def trl_orpo_loss(tok_lp, batch, beta):
+  """TRL ORPOTrainer.get_batch_loss_metrics in numpy: NLL = CrossEntropyLoss (token mean)
+  over the chosen input ids shifted by one with padding masked (prompt included); odds
+  ratio on the responses' average log-probs; loss = nll - mean(beta * logsigmoid)."""
+  valid = np.all(batch["loss_mask"].sum(-1) > 0, -1)
+  lengths = (batch["segment_ids"][:, 0] > 0).sum(-1)  # tokens per chosen sequence
+  nll_sum = sum(-tok_lp[i, 0, :lengths[i] - 1].sum() for i in np.flatnonzero(valid))
+  nll = nll_sum / sum(lengths[i] - 1 for i in np.flatnonzero(valid))
+  mask = batch["loss_mask"][valid]
+  avg = (tok_lp[valid] * mask).sum(-1) / mask.sum(-1)  # [n, 2]
+  c, r = avg[:, 0], avg[:, 1]
+  log_odds = (c - r) - (np.log1p(-np.exp(c)) - np.log1p(-np.exp(r)))
+  return nll - np.mean(beta * -np.logaddexp(0.0, -log_odds)), nll
+
+
+def test_orpo_nll_is_trls_token_mean_by_default(full_job):
+  job = full_job
+  run, state, batch = job.run, job.run.state, job.data.eval[0]
+  assert config_lib.DpoConfig().orpo_nll == "token"
+  tok_lp = numpy_token_logps(run.model_cfg, host(state.trainable), batch)
+  want, want_nll = trl_orpo_loss(tok_lp, batch, job.cfg.dpo.beta)
+  got = {}
+  for conv in ("token", "sequence"):
+    mc = dataclasses.replace(job.cfg.dpo, loss_type="orpo", orpo_nll=conv)
+    obj = dpo.make_objective(run.model_cfg, mc, "none")
+    loss_sum, (n, metrics) = jax.jit(lambda p, f, b: obj(p, f, b, None))(
+        state.trainable, run.frozen, loop.device_batch(batch, run.batch_sharding))
+    got[conv] = float(loss_sum) / float(n)
+    if conv == "token":
+      s, c = metrics["nll"]
+      np.testing.assert_allclose(float(s) / float(c), want_nll, rtol=1e-5)
+  np.testing.assert_allclose(got["token"], want, rtol=1e-5)
+  # Chosen lengths vary and TRL counts the prompt: the two conventions really differ here.
+  assert abs(got["sequence"] - got["token"]) > 1e-2, got
 
 
 def test_dpo_raises_held_out_accuracy_and_keeps_reference_bit_identical(full_job):

@@ -60,7 +60,8 @@ def check_export(job_like, state, out_dir, batch):
   pad = job_like.tokenizer.pad_token_id
   assert not np.any((tokens == pad) & (seg > 0))  # the pad id is not inside any sequence
   params, head = reward.split_trainable(job_like, state.trainable)
-  ours = np.asarray(reward.score(job_like.model_cfg, params, head, tokens, seg))
+  ours = np.asarray(reward.score(job_like.model_cfg, params, head, tokens, seg,
+                                 pad_id=reward.export_pad_id(job_like)))
   theirs = hf_scores(out_dir, tokens, seg)
   np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
   cfg, p2, h2 = hf_reward.load(out_dir)
@@ -116,7 +117,8 @@ def test_lora_reward_trains_adapters_and_head_and_exports(data_files, tmp_path):
   axes = {**lora.axes(model_cfg, dataclasses.replace(adapters, params={
       "layers": adapters.params["layers"]})).params, **extra_axes}
   ctx = dataclasses.replace(ctx, adapters=adapters)
-  obj = reward.make_objective(model_cfg, cfg.reward, adapters=adapters)
+  obj = reward.make_objective(model_cfg, cfg.reward, pad_id=reward.export_pad_id(ctx),
+                              adapters=adapters)
   run = setup.build(cfg, mesh, params, model_cfg, objective=obj, adapters=adapters,
                     adapter_axes=axes)
   base = jax.tree_util.tree_map(np.asarray, params)
@@ -149,3 +151,64 @@ def test_export_parity_across_families(family, tmp_path):
   np.testing.assert_allclose(hf_scores(str(tmp_path / "rm"), tokens, seg), ours, atol=1e-4)
   with pytest.raises(ValueError, match="ForSequenceClassification"):
     hf_reward.load(str(tmp_path / "lm"))
+
+
+LLAMA3_STYLE = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + "
+                "message['content'] + '<|im_end|>' -}}{%- endfor -%}{%- if add_generation_prompt "
+                "-%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+
+def _tokenizer_dir(tmp_path, pad):
+  """The bundled tokenizer made Llama-3-like: every turn ends with eos (<|im_end|>, no
+  newline after it); pad='none' removes the pad token (data pads with eos), pad='eos'
+  sets pad = eos as users do for Llama 3 / Mistral."""
+  tok = data_lib.load_tokenizer("")
+  tok.chat_template = LLAMA3_STYLE
+  tok.pad_token = tok.eos_token if pad == "eos" else None
+  out = str(tmp_path / f"tok_{pad}")
+  tok.save_pretrained(out)
+  back = data_lib.load_tokenizer(out)
+  assert back.pad_token_id == (back.eos_token_id if pad == "eos" else None)
+  return out
+
+
+@pytest.mark.parametrize("pad", ["none", "eos"])
+def test_export_pools_where_training_pools_when_pad_is_eos(pad, data_files, tmp_path):
+  """Sequences end with eos = the exported pad id: HF pools the token before it, and so
+  must training, `score` and a model imported back from HF (1e-5)."""
+  cfg = tiny_cfg(data_files)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, tokenizer=_tokenizer_dir(tmp_path, pad), chat_template=""))
+  job = setup.prepare(cfg, mesh=dpo_tests.one_device_mesh())
+  ctx = _ctx(job)
+  eos = job.tokenizer.eos_token_id
+  assert reward.export_pad_id(ctx) == eos
+  head = reward.init_head(job.run.model_cfg, jax.random.PRNGKey(1), std=0.5)
+  state = dataclasses.replace(job.run.state, trainable={**job.run.state.trainable,
+                                                        reward.HEAD: head})
+  batch = job.data.eval[0]
+  tokens, seg = rows_of(batch)
+  last = (seg > 0).sum(-1) - 1
+  assert np.all(tokens[np.arange(len(tokens)), last] == eos)  # every sequence ends with eos
+  out = str(tmp_path / f"rm_{pad}")
+  reward.export(ctx, state, out, {})
+  params, head = reward.split_trainable(ctx, state.trainable)
+  ours = np.asarray(reward.score(job.run.model_cfg, params, head, tokens, seg, pad_id=eos))
+  theirs = hf_scores(out, tokens, seg)
+  np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=0)
+  # The last token (eos) would score differently: the test would catch the old pooling.
+  at_eos = np.asarray(reward.score(job.run.model_cfg, params, head, tokens, seg, pad_id=-1))
+  assert np.max(np.abs(at_eos - theirs)) > 1e-2
+  # Training pools the same token: the objective's chosen rewards are these scores.
+  valid = np.all(batch["loss_mask"].sum(-1) > 0, -1)
+  got = dpo_tests.eval_batch(job, state, batch)
+  full = np.asarray(reward.score(job.run.model_cfg, params, head,
+                                 batch["tokens"].reshape(-1, seg.shape[-1]),
+                                 batch["segment_ids"].reshape(-1, seg.shape[-1]), pad_id=eos))
+  np.testing.assert_allclose(got["rewards/chosen"], full[0::2][valid].mean(), atol=1e-5)
+  np.testing.assert_allclose(got["rewards/rejected"], full[1::2][valid].mean(), atol=1e-5)
+  # Importing the HF reward model back: its config carries the pad id, score agrees.
+  cfg2, p2, h2 = hf_reward.load(out)
+  assert cfg2.pad_token_id == eos
+  np.testing.assert_allclose(np.asarray(reward.score(cfg2, p2, h2, tokens, seg)), theirs,
+                             atol=1e-5, rtol=0)

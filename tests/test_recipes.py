@@ -17,7 +17,8 @@ EXPECTED = {  # recipe -> losses of steps 1..3 (re-record: JAXTUNE_RECORD_RECIPE
     "sft_chat": [6.231044292449951, 6.281095027923584, 6.288331508636475],
     "lora": [6.231017589569092, 6.2810540199279785, 6.285243988037109],
     "qlora": [6.231753349304199, 6.281573295593262, 6.285642147064209],
-    "pretrain_text": [6.279766082763672, 6.290225982666016, 6.232886791229248],
+    # Documents are split into seq_len windows since issue 20 (no longer truncated).
+    "pretrain_text": [6.266171932220459, 6.2582573890686035, 6.262770175933838],
 }
 RECORD = os.environ.get("JAXTUNE_RECORD_RECIPES") == "1"
 

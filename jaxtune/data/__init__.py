@@ -21,9 +21,12 @@ Batches (numpy, this process's batch_size / process_count rows; see packing.py):
   preference: the same keys, [B, 2, T] (0 = chosen, 1 = rejected), one pair per row
   prompt:     prompt_tokens, prompt_mask int32 [B, T] (left-padded), answers: list | None
 
-Modules: sources (files, dirs, hf:), formats (record formats), encode (chat rendering, loss
-masks, template check), length (truncation), packing, mixture (weights, epochs), loader
-(resumable iteration), provenance (fingerprint), stats, make_assets (bundled data).
+Modules: sources (files, dirs, hf:), formats (record formats, Bedrock content blocks),
+encode (chat rendering, loss masks, template check, rendering turn by turn), length
+(splitting documents into windows, truncation), packing, mixture (weights, epochs), loader
+(resumable iteration), provenance (fingerprint), stats (counts, truncation and end-of-turn
+warnings), tokenizer_lib (the model's tokenizer, a run's tokenizer, export), make_assets
+(bundled data).
 """
 
 from jaxtune.data.errors import DataError

@@ -16,6 +16,12 @@ Formats (`data.format`, or detected from the first record of each source by its 
   prompt             {"prompt": str | messages, or "messages": [...], "answer" (optional)};
                      the conversation must end with a user turn
 
+A message's content (and the "system" field) may also be a list of content blocks, as in
+Amazon Bedrock's `bedrock-conversation-2024` schema (`"system": [{"text": ...}]`,
+`"content": [{"text": ...}]`) or OpenAI's (`[{"type": "text", "text": ...}]`): the text
+blocks are joined with "\n"; image, document, video and tool blocks are refused, naming the
+block ('messages[0].content[1]'), since jaxtune trains text only.
+
 Every check failure is a DataError naming the record, the field ('messages[2].role') and what
 was expected. Messages keep only 'role' and 'content' (strings).
 """
@@ -122,15 +128,45 @@ def _string(record: dict, field: str, where: str, *, name: str = "") -> str:
   if not value.strip():
     raise errors.bad_record(where, name, "is empty; expected a non-empty string",
                             "empty_field")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:  # JSON allows "\ud800"; no tokenizer does
+    raise errors.bad_record(where, name, f"holds an unpaired surrogate {value[e.start]!r} at "
+                            f"character {e.start}; expected valid Unicode text",
+                            "bad_encoding") from None
   return value
 
 
 def _system(record: dict, where: str) -> list[dict[str, str]]:
   """The optional top-level "system" field as a message list ([] when absent or empty)."""
   value = record.get("system")
-  if value in (None, ""):
+  if value is None or (isinstance(value, (str, list)) and not value):
     return []
+  if isinstance(value, list):  # Bedrock: [{"text": ...}, ...]
+    return [{"role": "system", "content": _blocks(value, where, "system")}]
   return [{"role": "system", "content": _string(record, "system", where)}]
+
+
+def _blocks(blocks: list, where: str, field: str) -> str:
+  """Text content blocks ([{"text": ...}] or [{"type": "text", "text": ...}]) joined by
+  newlines; any other block (image, document, video, tool use) is a DataError naming it."""
+  if not blocks:
+    raise errors.bad_record(where, field, "is an empty list; expected content blocks "
+                            "[{'text': ...}]", "empty_field")
+  texts = []
+  for j, block in enumerate(blocks):
+    name = f"{field}[{j}]"
+    if not isinstance(block, dict):
+      raise errors.bad_record(where, name, f"is a {type(block).__name__}; expected a content "
+                              "block {'text': ...}", "wrong_type")
+    kind = block.get("type") if isinstance(block.get("type"), str) else None
+    kind = kind or ("text" if "text" in block else next(iter(block), "<empty>"))
+    if kind != "text" or "text" not in block:
+      raise errors.bad_record(where, name, f"is {kind!r} content; jaxtune trains on text only: "
+                              "expected {'text': ...} blocks (drop or describe the "
+                              f"{kind} content)", "unsupported_content")
+    texts.append(_string(block, "text", where, name=name + ".text"))
+  return "\n".join(texts)
 
 
 def _json_list(value: Any) -> Any:
@@ -172,7 +208,10 @@ def _messages(record: dict, field: str, where: str, value: Any = None) -> list[d
     if role not in ROLES:
       raise errors.bad_record(where, name + ".role", f"unknown role {role!r}; expected one of "
                               f"{', '.join(map(repr, ROLES))}", "unknown_role")
-    content = _string(m, "content", where, name=name + ".content")
+    if isinstance(m.get("content"), list):  # content blocks (Bedrock, OpenAI)
+      content = _blocks(m["content"], where, name + ".content")
+    else:
+      content = _string(m, "content", where, name=name + ".content")
     out.append({"role": role, "content": content})
   return out
 

@@ -13,6 +13,11 @@ data.on_bad_record=skip, which skips, counts and reports it in `stats`.
     ds.eval                           # list of batches (all eval examples once)
     ds.stats, ds.fingerprint          # counts; provenance for checkpoints and HF export
 
+Long examples follow data.truncation (length.py): raw-text documents are split into windows
+so every token trains; anything else cut by more than a few percent of a source's tokens,
+and assistant turns without an end-of-turn token, are logged as warnings (stats["warnings"])
+with the setting that fixes them.
+
 Train sources come from data.train_files ("" = the bundled sample for the kind: chat.jsonl,
 preference.jsonl or prompts.jsonl). Eval comes from data.eval_files or, when that is empty,
 from a held-out data.eval_fraction of each train source's records, chosen with a fixed seed
@@ -81,7 +86,9 @@ def _detect(raw: list[tuple[str, Any]], data_cfg) -> str:
 
 
 def _encode_source(raw: list[tuple[str, Any]], fmt: str, source: int, tally: stats_lib.Tally,
-                   encoder: encode.Encoder, data_cfg, kind: str) -> list[encode.Result]:
+                   encoder: encode.Encoder, data_cfg, kind: str,
+                   name: str = "") -> list[encode.Result]:
+  policy = length.effective(data_cfg.truncation, fmt, kind, name)
   out = []
   for where, rec in raw:
     tally.record(source)
@@ -89,19 +96,40 @@ def _encode_source(raw: list[tuple[str, Any]], fmt: str, source: int, tally: sta
       if isinstance(rec, errors.DataError):
         raise rec
       ex = formats.normalize(rec, fmt, where, text_field=data_cfg.text_field)
-      result, outcome = length.fit(encoder.encode(ex), data_cfg.seq_len, data_cfg.truncation,
-                                   where, kind=kind)
+      results = encoder.encode_all(ex)
+      fitted = [_fit(r, policy, data_cfg, where, kind) for r in results]
     except errors.DataError as e:
       if not e.skippable or data_cfg.on_bad_record != "skip":
         raise
       tally.skipped(source, e)
       continue
-    if result is None:
-      tally.dropped(source, outcome)
-      continue
-    tally.kept(source, result, outcome == "truncated")
-    out.append(result)
+    tally.encoded(source, results)
+    for pieces, outcome, lost in fitted:
+      if not pieces:
+        tally.dropped(source, outcome, lost)
+        continue
+      if outcome == "split":
+        tally.split(source, len(pieces))
+      for piece in pieces:
+        tally.kept(source, piece, outcome, lost)
+        lost = 0
+        out.append(piece)
   return out
+
+
+def _fit(result: encode.Result, policy: str, data_cfg, where: str,
+         kind: str) -> tuple[list[encode.Result], str, int]:
+  """(examples, outcome, tokens lost) of one encoded example under the length policy."""
+  longest = max(len(s) for s in result.seqs)
+  if policy == "split" and longest > data_cfg.seq_len:
+    pieces = length.windows(result, data_cfg.seq_len, data_cfg.stride)
+    return pieces, "split" if pieces else "no_loss_tokens", 0
+  fitted, outcome = length.fit(result, data_cfg.seq_len, policy, where, kind=kind)
+  lost = 0
+  if longest > data_cfg.seq_len:
+    lost = sum(len(s) for s in result.seqs) - (
+        sum(len(s) for s in fitted.seqs) if fitted is not None else 0)
+  return ([] if fitted is None else [fitted]), outcome, lost
 
 
 def _split(raw: list, fraction: float) -> tuple[list, list]:
@@ -143,7 +171,8 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
                            "error or skip")
   encoder = encode.Encoder(tokenizer, loss_policy=data_cfg.loss_policy,
                            check_template=data_cfg.check_template,
-                           text_field=data_cfg.text_field)
+                           text_field=data_cfg.text_field,
+                           chat_render=getattr(data_cfg, "chat_render", "auto"))
   train_spec = data_cfg.train_files or tokenizer_lib.sample_path(DEFAULT_SAMPLE[kind])
   train_sources = sources.parse(train_spec, setting="data.train_files")
   eval_sources = sources.parse(data_cfg.eval_files, setting="data.eval_files")
@@ -163,24 +192,27 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
     if not eval_sources:
       train_raw, eval_raw = _split(raw, data_cfg.eval_fraction)
     i = train_tally.add_source(src.name, fmt)
-    train_sets.append(_encode_source(train_raw, fmt, i, train_tally, encoder, data_cfg, kind))
+    train_sets.append(_encode_source(train_raw, fmt, i, train_tally, encoder, data_cfg, kind,
+                                     src.name))
     if not train_sets[-1]:
       raise errors.DataError(f"data.train_files: no usable examples in {src.name} (see the "
                              f"counts: {train_tally.as_dict()['sources'][i]})")
     if not eval_sources:
       eval_tally.add_source(src.name, fmt)
-      eval_sets.append(_encode_source(eval_raw, fmt, i, eval_tally, encoder, data_cfg, kind))
+      eval_sets.append(_encode_source(eval_raw, fmt, i, eval_tally, encoder, data_cfg, kind,
+                                      src.name))
   for src in eval_sources:
     raw = list(sources.read(src))
     parts["eval"][src.name] = _digest(src, raw)
     fmt = _source_format(_detect(raw, data_cfg), kind, src.name)
     i = eval_tally.add_source(src.name, fmt)
-    eval_sets.append(_encode_source(raw, fmt, i, eval_tally, encoder, data_cfg, kind))
+    eval_sets.append(_encode_source(raw, fmt, i, eval_tally, encoder, data_cfg, kind, src.name))
 
   fingerprint = provenance.fingerprint(parts)
   settings = {k: getattr(data_cfg, k) for k in (
       "format", "text_field", "weights", "loss_policy", "seq_len", "pack", "truncation",
-      "on_bad_record", "check_template", "seed", "eval_fraction")}
+      "stride", "chat_render", "on_bad_record", "check_template", "seed", "eval_fraction")
+      if hasattr(data_cfg, k)}
   plan_id = hashlib.sha256(json.dumps([fingerprint, kind, settings], sort_keys=True)
                            .encode()).hexdigest()[:16]
   pad_id = tokenizer.pad_token_id
@@ -200,7 +232,11 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
   for i, e in enumerate(stats["train"]["sources"]):
     e["weight"] = float(weights[i]) if weights is not None else (
         len(train_sets[i]) / sum(map(len, train_sets)))
-  _log.info("%s", stats_lib.summary(stats))
+  stats["warnings"] = stats_lib.length_warnings(stats["train"], data_cfg.seq_len,
+                                                str(tokenizer.eos_token))
+  _log.info("%s", stats_lib.summary({**stats, "warnings": []}))
+  for w in stats["warnings"]:
+    _log.warning("%s", w)
   return Datasets(train=train, eval=eval_batches, stats=stats, fingerprint=fingerprint,
                   source_names=tuple(s.name for s in train_sources),
                   eval_source_names=tuple(s.name for s in (eval_sources or train_sources)),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 from typing import Any, Iterator
@@ -101,26 +102,47 @@ def _object_or_error(where: str, value: Any) -> Any:
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  with open(path, "rb") as f:  # bytes: a bad line is an error about that line, not the file
+    for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
       try:
-        value = json.loads(line.rstrip("\r\n"))
-      except json.JSONDecodeError as e:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
         yield where, errors.DataError(
-            f"malformed JSON at column {e.colno} ({e.msg}); expected one JSON object per line",
-            where=where, field="<line>", reason="malformed_json")
+            f"is not valid UTF-8 (byte {e.start}: {e.reason}); expected UTF-8 JSON lines",
+            where=where, field="<line>", reason="bad_encoding")
+        continue
+      if not line.strip():
+        continue
+      try:
+        value = json.loads(line.rstrip("\r\n"))
+      except (json.JSONDecodeError, RecursionError) as e:
+        what = (f"malformed JSON at column {e.colno} ({e.msg})" if isinstance(
+            e, json.JSONDecodeError) else "JSON nested too deeply")
+        yield where, errors.DataError(f"{what}; expected one JSON object per line",
+                                      where=where, field="<line>", reason="malformed_json")
         continue
       yield where, _object_or_error(where, value)
 
 
+def _read_text(path: str) -> str:
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise errors.DataError(f"{path}:{line}: not valid UTF-8 ({e.reason}); expected a UTF-8 "
+                           "text file") from None
+
+
 def _read_json(path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = _read_text(path)
   try:
     value = json.loads(text)
+  except RecursionError:
+    raise errors.DataError(f"{path}: JSON nested too deeply; expected an array of "
+                           "records") from None
   except json.JSONDecodeError as e:
     if e.msg == "Extra data":  # JSON lines saved as .json
       yield from _read_jsonl(path)
@@ -149,11 +171,23 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_csv(path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f)
-    for row in reader:
-      # line_num is the line where the row ends (rows may span lines inside quotes).
-      yield f"{path}:{reader.line_num}", dict(row)
+  reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+  while True:
+    try:
+      row = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:  # a field over csv's size limit, a NUL byte, ...
+      raise errors.DataError(f"{path}:{reader.line_num}: malformed CSV ({e}); expected a "
+                             "header row and one record per row") from None
+    # line_num is the line where the row ends (rows may span lines inside quotes).
+    where = f"{path}:{reader.line_num}"
+    if None in row:  # more cells than header columns
+      yield where, errors.bad_record(where, "<row>", f"has {len(row[None])} cells more than "
+                                     "the header names; expected one cell per column",
+                                     "malformed_csv")
+      continue
+    yield where, dict(row)
 
 
 def _read_hf(source: Source) -> Iterator[tuple[str, Any]]:

@@ -10,6 +10,10 @@ serves the default recipes and tests, offline.
     tok = tokenizer_lib.load(model_dir, chat_template="my_template.jinja")
     tok = tokenizer_lib.from_config(train_cfg)         # data.tokenizer, else model.hf_path,
                                                        # else bundled; data.chat_template
+    tokenizer_lib.save(tok, out_dir)                   # loadable by transformers 4.56+
+
+A jaxtune run's workdir or checkpoint dir (also a `convert.py --from_hf` output) stands for
+the tokenizer that run trained with, so a run can start from another run.
 
 `chat_template` (data.chat_template) is a path to a jinja file, or the template text itself
 when it contains '{%' or '{{'; it replaces the tokenizer's template, which a tokenizer without
@@ -22,6 +26,9 @@ import os
 import pathlib
 
 from jaxtune.data import errors
+from jaxtune.hf import gguf as hf_gguf
+from jaxtune.hf import gguf_tokenizer
+from jaxtune.hf import io as hf_io
 
 
 def bundled_dir() -> str:
@@ -49,28 +56,69 @@ def read_template(chat_template: str) -> str:
     return f.read()
 
 
-def load(path_or_id: str = "", *, chat_template: str = ""):
+def load(path_or_id: str = "", *, chat_template: str = "", setting: str = "data.tokenizer"):
   """The tokenizer of a model dir or hub id ("" = bundled), optionally with a new template.
 
   Returns a `transformers` tokenizer (PreTrainedTokenizerFast when a tokenizer.json exists).
+  Errors are one line naming `setting` (the config key the source came from).
   """
   import transformers  # pylint: disable=g-import-not-at-top
 
+  from jaxtune import paths  # pylint: disable=g-import-not-at-top
+
   target = path_or_id or bundled_dir()
+  if not os.path.exists(target) and not paths.is_hub_id(target):
+    raise errors.DataError(f"{setting}: no such directory {target!r} (looked for "
+                           f"{os.path.abspath(target)}); expected a model directory, a run's "
+                           "workdir or a hub id")
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(target)
+    if hf_gguf.is_gguf(target):  # a .gguf file (or a dir with one): its tokenizer metadata
+      tok = gguf_tokenizer.from_gguf(target)
+    else:
+      tok = transformers.AutoTokenizer.from_pretrained(target)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.DataError(f"data.tokenizer: cannot load a tokenizer from {target!r} "
-                           f"({type(e).__name__}: {e}); expected a model directory or hub id "
-                           "with tokenizer files (offline: in the local HF cache)") from e
+    where = ("a local directory without tokenizer files (tokenizer.json, "
+             "tokenizer_config.json); set data.tokenizer to the model's tokenizer"
+             if os.path.isdir(target) else "a hub id (offline: in the local HF cache)")
+    raise errors.DataError(f"{setting}: cannot load a tokenizer from {target!r} "
+                           f"({type(e).__name__}: {_first_line(e)}); it is {where}") from e
   if chat_template:
     tok.chat_template = read_template(chat_template)
   return tok
 
 
+def _first_line(e: Exception) -> str:
+  lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+  return lines[0] if lines else ""
+
+
+def source(spec: str, chat_template: str = "") -> tuple[str, str]:
+  """(tokenizer dir or hub id, chat template) that `spec` stands for: a jaxtune run's
+  workdir or checkpoint dir (a `convert.py --from_hf` output too) means the tokenizer and
+  template that run trained with; anything else is itself."""
+  from jaxtune import checkpoint  # pylint: disable=g-import-not-at-top
+
+  for _ in range(8):  # a run started from a run started from ...
+    if not spec or not os.path.isdir(spec) or checkpoint.locate(spec) is None:
+      break
+    run = checkpoint.read_meta(spec).get("config", {})
+    data, model = run.get("data", {}), run.get("model", {})
+    chat_template = chat_template or data.get("chat_template", "")
+    spec = data.get("tokenizer") or model.get("hf_path") or ""
+  return spec, chat_template
+
+
 def from_config(cfg):
-  """Tokenizer for a TrainConfig: data.tokenizer, else model.hf_path, else the bundled one."""
-  return load(cfg.data.tokenizer or cfg.model.hf_path, chat_template=cfg.data.chat_template)
+  """Tokenizer for a TrainConfig: data.tokenizer, else model.hf_path's own (a run's: the one
+  it trained with), else the bundled one; data.chat_template replaces its template."""
+  setting = "data.tokenizer" if cfg.data.tokenizer else "model.hf_path"
+  spec, template = source(cfg.data.tokenizer or cfg.model.hf_path, cfg.data.chat_template)
+  return load(spec, chat_template=template, setting=setting)
+
+
+def save(tok, out_dir: str) -> None:
+  """Writes `tok` to out_dir so that every transformers version jaxtune allows loads it."""
+  hf_io.save_tokenizer(tok, out_dir)
 
 
 def special_ids(tok) -> frozenset[int]:

@@ -9,8 +9,12 @@ num_labels=1: the decoder's tensors under `model.*` as in the causal-LM table
     model = transformers.AutoModelForSequenceClassification.from_pretrained(out_dir)
     cfg, params, head = load(out_dir)        # params without lm_head: hidden states only
 
-HF pools the score at the rightmost token that is not `pad_token_id`, so config.json must
-carry a pad id, and inputs must not contain it inside the sequence (right padding).
+HF pools the score at the rightmost input id that is not `pad_token_id` (the attention
+mask plays no part), so config.json must carry a pad id. jaxtune pools at the same token
+(`jaxtune.methods.reward.pool_index`, in training and in `score`), so the export scores
+what training scored for any pad id, including pad = eos (Llama 3, Mistral: the token
+before the trailing eos is pooled); `load` keeps the pad id in the returned config, so
+`reward.score(cfg, params, head, tokens)` agrees with the HF model it came from.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def save(cfg: config_lib.ModelConfig, params: dict, head: dict, out_dir: str, *,
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
   if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
+    hf_io.save_tokenizer(tokenizer, out_dir)  # loadable by every allowed transformers
   return out_dir
 
 

@@ -160,8 +160,11 @@ def orpo_loss(policy_chosen_avg: jax.Array, policy_rejected_avg: jax.Array,
 
   Args:
     policy_chosen_avg, policy_rejected_avg: [B] average per-token log-probs (< 0).
-    chosen_nll: the SFT loss on the chosen completions: a scalar (e.g. from
-      `cross_entropy_loss`) or [B] (averaged here).
+    chosen_nll: the SFT loss on the chosen completions: a scalar or [B] (averaged here).
+      TRL's ORPOTrainer passes the scalar mean NLL over every token of the batch's chosen
+      sequences, prompt included (so longer answers weigh more than in a mean of
+      per-sequence means); `jaxtune.methods.dpo` computes that by default
+      (dpo.orpo_nll=token, see `methods.dpo.orpo_token_nll`).
     beta: weight of the odds-ratio term.
 
   Returns:

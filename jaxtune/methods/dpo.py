@@ -20,6 +20,13 @@ The reference log-probs (dpo.reference) come from:
                   so no reference forward per step and no copy of the weights; pairs not
                   in the table are counted in ref/missing (see `precompute`)
 
+ORPO's NLL term (dpo.orpo_nll): `token` (default) is TRL's ORPOTrainer and the ORPO
+reference code: the mean NLL over every next-token target of the chosen sequences of the
+batch, prompt included (TRL: "computed over the full prompt and response"); `sequence` is
+the mean over pairs of each chosen response's mean NLL (loss-mask tokens only). With
+gradient accumulation the token mean is taken per micro-batch and the micro-batches are
+weighted by their pairs, as TRL averages its micro-batch losses.
+
 The objective returns sums over the valid pairs of the micro-batch, weight = their number,
 and metrics rewards/{chosen,rejected,accuracy,margin} and logps/{chosen,rejected}.
 """
@@ -48,6 +55,7 @@ _log = logging.getLogger("jaxtune")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 REFERENCES = ("frozen", "adapters_off", "precomputed")
+ORPO_NLL = ("token", "sequence")
 
 
 def reference_mode(cfg: config_lib.TrainConfig) -> str:
@@ -55,6 +63,7 @@ def reference_mode(cfg: config_lib.TrainConfig) -> str:
   mc = cfg.dpo
   config_lib.check_choice("dpo.loss_type", mc.loss_type, LOSS_TYPES)
   config_lib.check_choice("dpo.reference", mc.reference, REFERENCES)
+  config_lib.check_choice("dpo.orpo_nll", mc.orpo_nll, ORPO_NLL)
   if mc.loss_type in REFERENCE_FREE:
     return "none"
   peft = cfg.peft.method != "none"
@@ -67,21 +76,26 @@ def reference_mode(cfg: config_lib.TrainConfig) -> str:
   return mc.reference
 
 
-def pair_losses(method_cfg: config_lib.DpoConfig, pol_sum, pol_avg, ref_sum, ref_avg):
+def pair_losses(method_cfg: config_lib.DpoConfig, pol_sum, pol_avg, ref_sum, ref_avg,
+                orpo_nll=None):
   """Per-pair losses [B] and metrics {name: [B]} from [B, 2] log-probs (0 = chosen).
 
   The library losses average over their batch; vmapping them over single pairs gives the
   per-pair terms, so padding pairs can be weighted out and micro-batches summed exactly.
+  orpo_nll [B]: ORPO's per-pair NLL term (default: minus the chosen average log-prob, the
+  `sequence` convention; see `orpo_token_nll` for TRL's).
   """
   mc = method_cfg
+  if orpo_nll is None:
+    orpo_nll = -pol_avg[:, 0]
 
-  def one(ps, pa, rs, ra):  # each [2]
+  def one(ps, pa, rs, ra, nll):  # each [2], nll []
     lt = mc.loss_type
     if lt == "simpo":
       loss, m = losses.simpo_loss(pa[:1], pa[1:], beta=mc.beta, gamma=mc.simpo_gamma,
                                   label_smoothing=mc.label_smoothing)
     elif lt == "orpo":
-      loss, m = losses.orpo_loss(pa[:1], pa[1:], -pa[:1], beta=mc.beta)
+      loss, m = losses.orpo_loss(pa[:1], pa[1:], nll[None], beta=mc.beta)
     elif lt == "ipo":
       loss, m = losses.dpo_loss(pa[:1], pa[1:], ra[:1], ra[1:], beta=mc.beta, loss_type="ipo")
     else:
@@ -90,7 +104,24 @@ def pair_losses(method_cfg: config_lib.DpoConfig, pol_sum, pol_avg, ref_sum, ref
     m = {k: v for k, v in m.items() if k != "loss"}
     return loss, m
 
-  return jax.vmap(one)(pol_sum, pol_avg, ref_sum, ref_avg)
+  return jax.vmap(one)(pol_sum, pol_avg, ref_sum, ref_avg, orpo_nll)
+
+
+def orpo_token_nll(token_lp: jax.Array, flat: dict, valid: jax.Array) -> jax.Array:
+  """[B] per-pair terms whose mean over the valid pairs is TRL's ORPO NLL: minus the mean
+  token log-prob over every next-token target of the chosen sequences (prompt included).
+
+  token_lp [2B, T]; a position t is a target when t and t + 1 are in the same segment
+  (the last token of a sequence predicts nothing), so a chosen sequence of n tokens has
+  n - 1 targets, as in TRL's shifted labels masked by the attention mask.
+  """
+  seg = flat["segment_ids"]  # [2B, T]
+  nxt = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))  # [2B, T]
+  real = ((seg > 0) & (nxt == seg)).astype(jnp.float32)
+  real = pairs.unflatten(real)[:, 0] * valid[:, None]  # [B, T] chosen rows of valid pairs
+  lp = pairs.unflatten(token_lp)[:, 0]  # [B, T]
+  nll = -jnp.sum(jnp.where(real > 0, lp, 0.0), axis=-1)  # [B]
+  return nll * jnp.sum(valid) / jnp.maximum(jnp.sum(real), 1.0)
 
 
 def pair_keys(batch: dict) -> jax.Array:
@@ -112,11 +143,13 @@ def _reference_hidden(model_cfg, params, flat, constrain):
   return jax.lax.stop_gradient(base.hidden(model_cfg, params, flat, constrain))
 
 
-def sequence_logprobs(model_cfg, params, h, flat):
-  """([B, 2] summed, [B, 2] averaged) response log-probs from hidden states [2B, T, D]."""
+def sequence_logprobs(model_cfg, params, h, flat, *, with_tokens: bool = False):
+  """([B, 2] summed, [B, 2] averaged) response log-probs from hidden states [2B, T, D]
+  (and the token log-probs [2B, T] with `with_tokens`)."""
   lp = head.token_logprobs(model_cfg, params, h, flat["targets"])  # [2B, T]
   total, avg = pairs.sequence_logprobs(lp, flat["loss_mask"])  # [2B], [2B]
-  return pairs.unflatten(total), pairs.unflatten(avg)
+  out = pairs.unflatten(total), pairs.unflatten(avg)
+  return (*out, lp) if with_tokens else out
 
 
 def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.DpoConfig,
@@ -129,7 +162,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
     valid = pairs.valid_pairs(batch)  # [B]
     params = base.model_params(trainable, frozen, adapters)
     h = base.hidden(model_cfg, params, flat, constrain)
-    pol_sum, pol_avg = sequence_logprobs(model_cfg, params, h, flat)  # [B, 2]
+    pol_sum, pol_avg, lp = sequence_logprobs(model_cfg, params, h, flat,
+                                             with_tokens=True)  # [B, 2], [2B, T]
     extra = {}
     if mode == "none":
       ref_sum = ref_avg = jnp.zeros_like(pol_sum)
@@ -141,7 +175,10 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
       h_ref = _reference_hidden(model_cfg, ref_params, flat, constrain)
       ref_sum, ref_avg = jax.lax.stop_gradient(
           sequence_logprobs(model_cfg, ref_params, h_ref, flat))
-    per_pair, metrics = pair_losses(method_cfg, pol_sum, pol_avg, ref_sum, ref_avg)
+    nll = None
+    if method_cfg.loss_type == "orpo" and method_cfg.orpo_nll == "token":
+      nll = orpo_token_nll(lp, flat, valid)
+    per_pair, metrics = pair_losses(method_cfg, pol_sum, pol_avg, ref_sum, ref_avg, nll)
     loss_sum = jnp.sum(jnp.where(valid > 0, per_pair, 0.0))
     metrics = dict(metrics)
     metrics["logps/chosen"] = jax.lax.stop_gradient(pol_sum[:, 0])

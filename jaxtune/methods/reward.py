@@ -1,12 +1,22 @@
 """method=reward: a scalar reward model (decoder + linear head) trained with Bradley-Terry.
 
-The score of a sequence is the head applied to the final hidden state of its LAST real
-token (the last position with segment_ids > 0), exactly what HF's
-`*ForSequenceClassification` (num_labels=1) computes for a right-padded input whose pad id
-does not occur in the sequence:
+The score of a sequence is the head applied to the final hidden state of its last real
+token that is NOT the pad id, which is exactly the token HF's `*ForSequenceClassification`
+(num_labels=1) pools after export (`transformers` takes the rightmost input id that is not
+`config.pad_token_id`, whatever the attention mask says):
 
     h = decoder.hidden_states(tokens)                 # [N, T, D]
+    last(n) = max{t : segment_ids[n, t] > 0 and tokens[n, t] != pad_id}   (0 if none)
     score = h[n, last(n)] @ head["kernel"]            # [N]; kernel [D, 1], no bias
+
+The pad id is the one the export writes (`export_pad_id`: the tokenizer's pad, else the
+model config's, else the data pipeline's padding, which is eos for a tokenizer without a
+pad token), and training, `score` and the export all pool with it. With a Llama-3-style
+tokenizer (no pad token, so pad = eos = `<|eot_id|>`, which ends every sequence) or a user
+setting pad = eos, the pooled token is the one before the trailing eos, in jaxtune as in
+`transformers` (and TRL's RewardTrainer, which runs the HF model). The alternative, an
+exported pad id that never occurs, would break as soon as HF users pad batches with the
+tokenizer's own pad (= eos), so jaxtune follows HF instead.
 
 The head lives in the trainable tree under "score", next to the params (full FT) or the
 LoRA adapter tree (LoRA/QLoRA: the head is trained too; the decoder ignores the extra key):
@@ -53,9 +63,19 @@ def head_axes() -> dict:
   return {"kernel": (None, None)}
 
 
-def score_from_hidden(head: dict, h: jax.Array, segment_ids: jax.Array) -> jax.Array:
-  """h [N, T, D], segment_ids [N, T] -> float32 scores [N] at each row's last real token."""
-  last = pairs.last_token_index(segment_ids)  # [N]
+def pool_index(tokens: jax.Array, segment_ids: jax.Array, pad_id: int) -> jax.Array:
+  """[N, T] -> [N] int32: the rightmost real position whose token is not `pad_id` (HF's
+  pooled token; with pad_id < 0, the last real token); 0 for a row with none."""
+  real = segment_ids > 0
+  if pad_id >= 0:
+    real = real & (tokens != pad_id)
+  return pairs.last_token_index(real.astype(jnp.int32))
+
+
+def score_from_hidden(head: dict, h: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
+                      pad_id: int) -> jax.Array:
+  """h [N, T, D], tokens / segment_ids [N, T] -> float32 scores [N] at `pool_index`."""
+  last = pool_index(tokens, segment_ids, pad_id)  # [N]
   h_last = jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]  # [N, D]
   w = head["kernel"]
   if w.ndim != 2 or w.shape != (h.shape[-1], 1):
@@ -66,24 +86,31 @@ def score_from_hidden(head: dict, h: jax.Array, segment_ids: jax.Array) -> jax.A
 
 def score(model_cfg: config_lib.ModelConfig, params: dict, head: dict, tokens: jax.Array,
           segment_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
-          lora=None, constrain=None) -> jax.Array:
+          lora=None, constrain=None, pad_id: int | None = None) -> jax.Array:
   """Reward scores [N] float32 of right-padded sequences tokens [N, T].
 
   segment_ids [N, T]: 1 on real tokens, 0 on padding (default: every token is real).
-  `lora` is None or PEFT adapters (any kind), as in `decoder.forward`.
+  `lora` is None or PEFT adapters (any kind), as in `decoder.forward`. pad_id: the token
+  HF skips when pooling (default `model_cfg.pad_token_id`, right for a model loaded with
+  `hf.reward.load`; for a model in training pass `export_pad_id(ctx)`).
   """
+  if pad_id is None:
+    pad_id = model_cfg.pad_token_id
   if segment_ids is None:
     segment_ids = jnp.ones(tokens.shape, jnp.int32)
   if lora is not None:
     params = lora.apply(params)
   h = decoder.hidden_states(model_cfg, params, tokens, positions=positions,
                             segment_ids=segment_ids, constrain=constrain)
-  return score_from_hidden(head, h, segment_ids)
+  return score_from_hidden(head, h, tokens, segment_ids, pad_id)
 
 
 def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.RewardConfig, *,
-                   adapters=None, constrain=None):
-  """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
+                   pad_id: int, adapters=None, constrain=None):
+  """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics)).
+
+  pad_id: the pad id the export writes (`export_pad_id`); scores pool where HF will.
+  """
 
   def objective(trainable, frozen, batch, rng):
     del rng
@@ -95,7 +122,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Rew
     body = {k: v for k, v in trainable.items() if k != HEAD}
     params = base.model_params(body, frozen, adapters)
     h = base.hidden(model_cfg, params, flat, constrain)
-    s = pairs.unflatten(score_from_hidden(trainable[HEAD], h, flat["segment_ids"]))  # [B, 2]
+    s = pairs.unflatten(score_from_hidden(trainable[HEAD], h, flat["tokens"],
+                                          flat["segment_ids"], pad_id))  # [B, 2]
     margin = None
     if method_cfg.margin:
       if "margin" not in batch:
@@ -143,8 +171,9 @@ def split_trainable(ctx, trainable: dict):
 
 
 def export_pad_id(ctx) -> int:
-  """The pad id HF will skip to find the last token: the tokenizer's (what the data was
-  padded with), else the model config's, else the data pipeline's (eos without a pad)."""
+  """The pad id HF will skip to find the last token, and the one training pools with: the
+  tokenizer's (what the data was padded with), else the model config's, else the data
+  pipeline's (eos without a pad token)."""
   if ctx.tokenizer is not None and ctx.tokenizer.pad_token_id is not None:
     return int(ctx.tokenizer.pad_token_id)
   if ctx.model_cfg.pad_token_id >= 0:
@@ -174,8 +203,8 @@ class Reward(base.Method):
           "does not produce yet; use the loss directly: losses.reward_loss(..., margin=))")
 
   def objective(self, ctx: base.Context) -> base.Objective:
-    return make_objective(ctx.model_cfg, ctx.cfg.reward, adapters=ctx.adapters,
-                          constrain=ctx.constrain)
+    return make_objective(ctx.model_cfg, ctx.cfg.reward, pad_id=export_pad_id(ctx),
+                          adapters=ctx.adapters, constrain=ctx.constrain)
 
   def extra_trainable(self, ctx: base.Context):
     return extra_trainable(ctx)

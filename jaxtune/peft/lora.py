@@ -58,19 +58,76 @@ def select(params: dict, targets: str) -> dict[str, tuple[int, ...]]:
   """{kernel path: kernel shape} of the LoRA-able kernels whose path fully matches `targets`.
 
   Only the attention and MLP projections under "layers/" can carry adapters; a regex such
-  as ".*" selects all of them. Nothing selected is an error naming the regex.
+  as ".*" selects all of them. Errors (config.ConfigError naming peft.targets): a malformed
+  regex, and any top-level alternative that selects no LoRA-able kernel
+  (".*q_proj/kernel|lm_head/kernel" would otherwise adapt q_proj alone, silently). An error
+  rather than a warning: a dropped alternative changes what trains, and removing it from
+  the regex is the one-line fix, found before any data or step.
   """
   flat = tree.flatten(params)
-  rx = re.compile(targets)
+  try:
+    rx = re.compile(targets)
+  except re.error as e:
+    raise config_lib.ConfigError(f"bad value for peft.targets: {targets!r} is not a valid "
+                                 f"regex ({e})") from None
   present = [p for p in adapters_lib.SUPPORTED_KERNELS if p in flat]
   chosen = {p: tuple(flat[p].shape) for p in present if rx.fullmatch(p)}
   if not chosen:
     others = [p for p in flat if rx.fullmatch(p)]
-    raise ValueError(
-        f"LoRA targets {targets!r} select no projection kernel; LoRA-able paths are "
-        f"{present}" + (f" (the regex matches only unsupported params {others[:4]})"
-                        if others else ""))
+    raise config_lib.ConfigError(
+        f"bad value for peft.targets: LoRA targets {targets!r} select no projection kernel; "
+        f"LoRA-able paths are {present}" + (f" (the regex matches only unsupported params "
+                                           f"{others[:4]})" if others else ""))
+  for alt in _alternatives(targets):
+    alt_rx = re.compile(alt)
+    if any(alt_rx.fullmatch(p) for p in present):
+      continue
+    others = [p for p in flat if alt_rx.fullmatch(p)]
+    what = (f"it matches only {others[:4]}, which LoRA cannot adapt" if others
+            else "it matches no param")
+    raise config_lib.ConfigError(
+        f"bad value for peft.targets: {targets!r}: the alternative {alt!r} selects no "
+        f"LoRA-able kernel ({what}); LoRA-able paths are {present}")
   return chosen
+
+
+_GLOBAL_FLAGS = re.compile(r"^\(\?[aiLmsux]+\)")
+
+
+def _alternatives(pattern: str) -> list[str]:
+  """The top-level alternatives of a regex, each compilable on its own (a leading global
+  flag group is kept on each):
+
+      "a/kernel|(b|c)/kernel|[|]x" -> ["a/kernel", "(b|c)/kernel", "[|]x"]
+      "(?i)A|b"                     -> ["(?i)A", "(?i)b"]
+  """
+  flags = _GLOBAL_FLAGS.match(pattern)
+  prefix = flags.group(0) if flags else ""
+  body = pattern[len(prefix):]
+  parts, depth, start, i, in_class = [], 0, 0, 0, False
+  while i < len(body):
+    c = body[i]
+    if c == "\\":
+      i += 2
+      continue
+    if in_class:
+      in_class = c != "]"
+    elif c == "[":
+      in_class = True
+      i += 1
+      i += body.startswith("^", i)
+      i += body.startswith("]", i)  # "[]...]" and "[^]...]": that "]" is literal
+      continue
+    elif c == "(":
+      depth += 1
+    elif c == ")":
+      depth -= 1
+    elif c == "|" and depth == 0:
+      parts.append(body[start:i])
+      start = i + 1
+    i += 1
+  parts.append(body[start:])
+  return [prefix + p for p in parts]
 
 
 def init(cfg: config_lib.ModelConfig, params: dict, *, rank: int = 8, alpha: float = 16.0,

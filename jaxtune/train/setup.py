@@ -94,6 +94,7 @@ def _id(x) -> int:
 def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   """Checks `cfg`, then builds data, weights, adapters, the method's pieces and the steps."""
   method = methods.check(cfg)
+  cfg = config_lib.resolve_paths(cfg)  # absolute local paths (meta, exports), hub ids kept
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   tokenizer = data_lib.tokenizer_from_config(cfg)
   data = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,

@@ -6,6 +6,13 @@ Gradient accumulation splits the global batch [B, ...] into `grad_accum` micro-b
 (rows i::A, so every device keeps an even share) and scans over them, summing loss and
 gradient numerators and their weights; one division and one optimizer update follow, so
 the result equals the full-batch step. No host synchronisation happens inside.
+
+Non-finite guard: when the loss, the gradient norm or the update norm is not finite, the
+step keeps the trainable params and the optimizer state (moments and count) as they were,
+selected inside the jitted step (`jnp.where`, no host round trip), and reports
+`skipped` = 1. `state.step` counts APPLIED updates (it is the schedule's position, like the
+optimizer's own count); the rng advances either way. The loop counts consecutive skips
+and stops after `train.max_skipped` of them (`jaxtune/train/loop.py`).
 """
 
 from __future__ import annotations
@@ -63,11 +70,16 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
                                    grads, state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  (elementwise, fused)
+    trainable = jax.tree_util.tree_map(keep, trainable, state.trainable)
+    opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
     out = _reduce(metrics)
-    out.update(loss=loss_sum / denom, grad_norm=optax.tree.norm(grads),
-               lr=schedule(state.step), weight=weight)
-    new_state = state_lib.TrainState(step=state.step + 1, trainable=trainable,
-                                     opt_state=opt_state, rng=rng)
+    out.update(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), weight=weight,
+               skipped=1.0 - ok.astype(jnp.float32))
+    new_state = state_lib.TrainState(step=state.step + ok.astype(state.step.dtype),
+                                     trainable=trainable, opt_state=opt_state, rng=rng)
     return new_state, out
 
   return train_step

@@ -1,0 +1,109 @@
+"""`launch/train.py --dry_run`: check a run's config, data and template, and say what it
+would do, without loading weights or compiling anything.
+
+    print(plan.dry_run(cfg))
+
+runs every check a run makes before its first step that needs no weights: the config
+checks (`methods.check`), the tokenizer, and the whole data pipeline (every record read,
+checked, rendered with the chat template and tokenized, so a bad record or a template that
+cannot train fails here, with the same one-line message). The architecture comes from the
+model's config.json (or a run's checkpoint meta); parameter counts from the shapes alone
+(`jax.eval_shape`). The memory line counts weights, gradients and AdamW moments (float32)
+for the trainable params, not activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import numpy as np
+
+from jaxtune import checkpoint
+from jaxtune import config as config_lib
+from jaxtune import data as data_lib
+from jaxtune import methods
+from jaxtune import paths
+from jaxtune import peft
+from jaxtune.hf import io as hf_io
+from jaxtune.models import decoder
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def architecture(cfg: config_lib.TrainConfig, tokenizer) -> tuple[config_lib.ModelConfig, str]:
+  """(model config, where it came from) without reading any weight."""
+  source = cfg.model.hf_path
+  if not source:
+    vocab = max(cfg.model.vocab_size, len(tokenizer))
+    return dataclasses.replace(cfg.model, vocab_size=vocab), "random init"
+  if checkpoint.locate(source) is not None:
+    meta = checkpoint.read_meta(source)
+    saved = config_lib.from_dict(config_lib.ModelConfig, meta["model_config"])
+    return saved, f"run {source}"
+  if not os.path.exists(source) and paths.is_hub_id(source):
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    source = os.path.dirname(huggingface_hub.hf_hub_download(source, "config.json"))
+  return hf_io.read_config(source, cfg.model), f"{cfg.model.hf_path}"
+
+
+def _size(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def param_counts(cfg: config_lib.TrainConfig, model_cfg) -> tuple[int, int]:
+  """(total model params, trainable params) from shapes (PEFT adapters when peft is on)."""
+  shapes = jax.eval_shape(functools.partial(decoder.init, model_cfg), jax.random.PRNGKey(0))
+  total = _size(shapes)
+  if cfg.peft.method == "none":
+    return total, total
+  method = peft.get(cfg.peft.method)
+  adapters = jax.eval_shape(lambda key: method.init(model_cfg, shapes, cfg.peft, key),
+                            jax.random.PRNGKey(0))
+  return total, _size(adapters.params)
+
+
+def _mb(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def memory_line(cfg, model_cfg, total: int, trainable: int) -> str:
+  weights = total * _BYTES.get(model_cfg.param_dtype, 4)
+  if cfg.peft.method != "none" and peft.get(cfg.peft.method).quantized_base:
+    weights = total * 0.53  # 4-bit codes + block scales (projections; an upper bound)
+  train = trainable * 4 * 3  # float32 gradients + AdamW's two moments
+  devices = jax.device_count()
+  return (f"weights {_mb(weights)} + gradients and AdamW {_mb(train)} = "
+          f"{_mb(weights + train)}, about {_mb((weights + train) / devices)} per device on "
+          f"{devices} device(s) when sharded (activations not included)")
+
+
+def dry_run(cfg: config_lib.TrainConfig) -> str:
+  """Runs the checks (raising the run's own one-line errors) and returns the plan text."""
+  cfg = config_lib.resolve_paths(cfg)
+  method = methods.check(cfg)
+  tokenizer = data_lib.tokenizer_from_config(cfg)
+  ds = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+  model_cfg, source = architecture(cfg, tokenizer)
+  total, trainable = param_counts(cfg, model_cfg)
+  rows, batch = ds.stats["rows_per_epoch"], cfg.data.batch_size
+  per_epoch = max(1, math.ceil(rows / batch))
+  tokens = batch * cfg.data.seq_len * (2 if method.data_kind == "preference" else 1)
+  lines = [
+      "dry run: config, tokenizer, data and chat template checked; nothing was trained",
+      f"  method     {cfg.method} (data kind {method.data_kind}), peft {cfg.peft.method}",
+      f"  model      {model_cfg.family}: {model_cfg.num_layers} layers, hidden "
+      f"{model_cfg.hidden_size}, vocab {model_cfg.vocab_size}, {total:,} params ({source})",
+      f"  trainable  {trainable:,} params ({100 * trainable / max(total, 1):.2f}%)",
+      f"  per step   {batch} rows x {cfg.data.seq_len} tokens = {tokens:,} tokens "
+      f"(grad_accum {cfg.optim.grad_accum})",
+      f"  steps      {cfg.train.max_steps} (train.max_steps); an epoch is {rows} rows = "
+      f"{per_epoch} steps, so {cfg.train.max_steps / per_epoch:.2f} epochs",
+      f"  memory     {memory_line(cfg, model_cfg, total, trainable)}",
+  ]
+  lines += ["  " + line for line in data_lib.summary(ds.stats).splitlines()]
+  return "\n".join(lines)
