@@ -6,6 +6,7 @@ imported params, so every reader (`jaxtune.weights.load`, `checkpoint_to_hf`, a 
 with `model.hf_path=DIR`) handles imported and trained checkpoints alike. The export goes
 through the run's own method (`Method.export`), so a reward model exports as
 `*ForSequenceClassification` and a PEFT run as a PEFT adapter and/or a merged model.
+GGUF files import like HF dirs; `checkpoint_to_gguf` writes one (adapters merged).
 """
 
 from __future__ import annotations
@@ -24,23 +25,28 @@ from jaxtune import data as data_lib
 from jaxtune import methods
 from jaxtune import peft
 from jaxtune import weights
+from jaxtune.hf import gguf as hf_gguf
+from jaxtune.hf import gguf_export
 from jaxtune.hf import io as hf_io
 
 
 def hf_to_checkpoint(src: str, out: str) -> str:
-  """Imports an HF model (dir or hub id) into a jaxtune checkpoint directory `out`."""
+  """Imports an HF model (dir, hub id or .gguf) into a jaxtune checkpoint directory `out`."""
   model_dir = hf_io.resolve(src)
-  with open(os.path.join(model_dir, "config.json")) as f:
-    hf_cfg = json.load(f)
-  src_dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
-  src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else "float32"
+  if hf_gguf.is_gguf(model_dir):  # quantized GGUF tensors are dequantized to float32
+    src_dtype = hf_gguf.source_dtype(model_dir)
+  else:
+    with open(os.path.join(model_dir, "config.json")) as f:
+      hf_cfg = json.load(f)
+    src_dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
+    src_dtype = src_dtype if src_dtype in ("float32", "bfloat16", "float16") else "float32"
   # Host arrays in the source dtype: nothing is put on a device, whatever the model size.
   model_cfg, params = hf_io.load_hf(model_dir, jnp.dtype(src_dtype), place=lambda _, x: x)
   model_cfg = dataclasses.replace(model_cfg, param_dtype=src_dtype, hf_path="")
   cfg = config_lib.TrainConfig(model=model_cfg)
-  if any(f.startswith("tokenizer") for f in os.listdir(model_dir)):
+  if hf_gguf.is_gguf(model_dir) or any(f.startswith("tokenizer") for f in os.listdir(model_dir)):
     tok = data_lib.load_tokenizer(model_dir)
-    tok.save_pretrained(os.path.join(out, "tokenizer"))
+    hf_io.save_tokenizer(tok, os.path.join(out, "tokenizer"))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, tokenizer=os.path.abspath(os.path.join(out, "tokenizer"))))
   state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": {},
@@ -83,3 +89,20 @@ def checkpoint_to_hf(path: str, out: str, *, step: int | None = None, merge_lora
                         data=None)
   state = types.SimpleNamespace(trainable=trainable)
   return methods.get(cfg.method).export(ctx, state, out, meta, write_adapter=False)
+
+
+def checkpoint_to_gguf(path: str, out_file: str, *, step: int | None = None,
+                       gguf_type: str = "f16") -> str:
+  """Exports a jaxtune checkpoint (adapters merged) as one GGUF file (`hf/gguf_export.py`)."""
+  _, meta = checkpoint_lib.read(path, step)
+  cfg = config_lib.from_dict(config_lib.TrainConfig, meta["config"])
+  if cfg.method == "reward":
+    raise ValueError(f"{path}: a reward model; GGUF export writes causal language models only")
+  model_cfg = config_lib.from_dict(config_lib.ModelConfig, meta["model_config"])
+  w = weights.load(path, step=step, base=model_cfg)
+  params = w.params
+  if w.adapters is not None:  # LoRA / QLoRA: merged into the (dequantized) base
+    params = peft.get(cfg.peft.method).merge(w.model_cfg, params, w.adapters)
+  gguf_export.write(w.model_cfg, params, out_file,
+                    tokenizer=data_lib.tokenizer_from_config(cfg), gguf_type=gguf_type)
+  return os.path.abspath(out_file)

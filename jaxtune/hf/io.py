@@ -4,7 +4,10 @@
 tokenizer files, never `*.bin` and never remote code), checks every tensor name and shape
 against the family's key table, and places each param on the mesh as it is read, so a
 model is never held twice. `save_hf` writes config.json, generation_config.json,
-(sharded) safetensors with an index, and the tokenizer with its chat template.
+(sharded) safetensors with an index, and the tokenizer with its chat template
+(`save_tokenizer`: loadable by every transformers version pyproject allows). A directory
+with pickled weights only is refused with the command that converts it safely; a missing
+local path says "no such directory" instead of trying the hub.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import safetensors.numpy
 from jaxtune import config as config_lib
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
+from jaxtune.hf import gguf as hf_gguf
 from jaxtune.hf import keys
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
@@ -31,20 +35,28 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": n
 
 
 def resolve(path_or_id: str) -> str:
-  """A local directory for `path_or_id`: itself if it is one, else a hub snapshot."""
-  if os.path.isdir(path_or_id):
+  """A local directory (or .gguf file) for `path_or_id`: itself if local, else a hub snapshot."""
+  if os.path.isdir(path_or_id) or hf_gguf.is_gguf(path_or_id):
     return path_or_id
   if os.path.exists(path_or_id):
     raise ValueError(f"{path_or_id}: expected a model directory, got a file")
+  from jaxtune import paths  # pylint: disable=g-import-not-at-top
+  if not paths.is_hub_id(path_or_id):
+    raise ValueError(f"{path_or_id}: no such directory (looked for "
+                     f"{os.path.abspath(path_or_id)}); expected a model directory or a hub id")
   import huggingface_hub  # only needed for hub ids
   try:
     return huggingface_hub.snapshot_download(path_or_id, allow_patterns=_HUB_PATTERNS)
   except Exception as e:  # offline, unknown id, gated: say which and why
-    raise ValueError(f"{path_or_id}: not a local directory and not downloadable from the hub "
-                     f"({type(e).__name__}: {e})") from e
+    first = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+    raise ValueError(f"{path_or_id}: no such directory (looked for "
+                     f"{os.path.abspath(path_or_id)}) and not downloadable from the hub "
+                     f"({type(e).__name__}: {first})") from e
 
 
 def read_config(model_dir: str, base: config_lib.ModelConfig | None = None):
+  if hf_gguf.is_gguf(model_dir):
+    return hf_gguf.read_config(model_dir, base)
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{model_dir}: no config.json")
@@ -66,8 +78,10 @@ class Tensors:
       if not files:
         others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
         raise ValueError(f"{model_dir}: no *.safetensors weights"
-                         + (f" (found {others}: pickled weights are never loaded; convert them "
-                            "to safetensors first)" if others else ""))
+                         + (f" (found {', '.join(sorted(others))}: pickled weights are never "
+                            "loaded, since unpickling runs code; in an environment you trust, "
+                            f"convert them with: {convert_command(model_dir)})"
+                            if others else ""))
     self._handles = {}
     self.shapes: dict[str, tuple[int, ...]] = {}
     self._where: dict[str, str] = {}
@@ -92,6 +106,8 @@ def load_hf(path_or_id: str, dtype=jnp.float32, *,
   the default is `jnp.asarray` on the default device.
   """
   model_dir = resolve(path_or_id)
+  if hf_gguf.is_gguf(model_dir):  # a .gguf file or a dir holding one: dequantized on the host
+    return hf_gguf.load(model_dir, dtype, base=base, place=place)
   cfg = read_config(model_dir, base)
   tensors = Tensors(model_dir)
   keys.check_keys(cfg, tensors.shapes, model_dir)
@@ -171,5 +187,38 @@ def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=N
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump(gen, f, indent=2)
   if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
   return out_dir
+
+
+def convert_command(model_dir: str) -> str:
+  """A shell command that rewrites a pickled HF model dir as safetensors (run it only in an
+  environment that trusts the pickles: loading them runs code)."""
+  out = model_dir.rstrip("/") + "-safetensors"
+  return (f"python -c \"import transformers as t; d, o = {model_dir!r}, {out!r}; "
+          "t.AutoModelForCausalLM.from_pretrained(d).save_pretrained(o, safe_serialization=True)"
+          "; t.AutoTokenizer.from_pretrained(d).save_pretrained(o)\"")
+
+
+# transformers 5 writes its own backend class names, which 4.x does not have; these load as
+# the same tokenizer under the name both know.
+_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+_LOAD_STATE_KEYS = ("is_local", "local_files_only")  # how it was loaded, not what it is
+
+
+def save_tokenizer(tok, out_dir: str) -> None:
+  """tok.save_pretrained(out_dir), with a tokenizer_config.json that every transformers
+  version jaxtune allows (4.56 ... 5.x) loads: a class name both know and no load-time
+  state (the chat template stays in chat_template.jinja, which both read)."""
+  tok.save_pretrained(out_dir)
+  path = os.path.join(out_dir, "tokenizer_config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  cls = cfg.get("tokenizer_class")
+  cfg["tokenizer_class"] = _TOKENIZER_CLASSES.get(cls, cls)
+  for key in _LOAD_STATE_KEYS:
+    cfg.pop(key, None)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(cfg, f, indent=2, ensure_ascii=False)
