@@ -4,6 +4,7 @@
     dpo       DPO-family preference losses, reference frozen / adapters off / precomputed
     reward    Bradley-Terry scalar reward model, HF *ForSequenceClassification export
     distill   student vs. a frozen teacher (in-step, 4-bit, or a precomputed top-k file)
+    grpo      group-relative policy optimisation with rollouts from the engine's sampler
 
 `--set=method=NAME` picks one; its options live in the config section of the same name
 (`--set=dpo.beta=0.2`). `check(cfg)` validates the method, the model family, the PEFT
@@ -17,6 +18,7 @@ from jaxtune import peft
 from jaxtune.methods import base
 from jaxtune.methods import distill
 from jaxtune.methods import dpo
+from jaxtune.methods import grpo
 from jaxtune.methods import reward
 from jaxtune.methods import sft
 from jaxtune.models import families
@@ -26,6 +28,7 @@ METHODS: dict[str, base.Method] = {
     "dpo": dpo.METHOD,
     "reward": reward.METHOD,
     "distill": distill.METHOD,
+    "grpo": grpo.METHOD,
 }
 
 Context = base.Context

@@ -14,6 +14,8 @@ A method (sft, dpo, reward, distill; grpo next) is one module in this package ho
     batches(ctx, run) -> iterator   host batches for each step; default: the data loader.
                                     `run.state` is the current TrainState when a batch is
                                     asked for (a rollout method samples with it)
+    eval_batches(ctx, run) -> list  host batches for an evaluation; default: the held-out
+                                    data (a rollout method scores greedy completions)
     export(ctx, state, out_dir, meta, write_adapter=True) -> str
                                     default: HF model (+ PEFT adapter)
 
@@ -46,6 +48,7 @@ class Context:
   adapters: Any  # the PEFT adapters template (static fields) or None for full fine-tuning
   tokenizer: Any
   data: Any  # data.Datasets, or None outside training (convert)
+  workdir: str = ""  # the run's directory (set by the loop): method artefacts go there
 
   @property
   def constrain(self):
@@ -77,6 +80,11 @@ class Method:
     """This process's host batches, one per step (default: the resumable data loader)."""
     del run
     return ctx.data.train
+
+  def eval_batches(self, ctx: Context, run) -> list:
+    """Host batches of one evaluation (default: the held-out data, every example once)."""
+    del run
+    return ctx.data.eval
 
   def export(self, ctx: Context, state, out_dir: str, meta: dict, *,
              write_adapter: bool = True) -> str:
@@ -114,6 +122,8 @@ def export_model(ctx: Context, trainable, out_dir: str, meta: dict, *,
     if write_adapter:
       method.save(ctx.model_cfg, adapters, out_dir.rstrip("/") + "_adapter",
                   base_model_name_or_path=ctx.cfg.model.hf_path)
+      if not getattr(method, "mergeable", True):  # prompt tuning: the adapter is the export
+        return os.path.abspath(out_dir.rstrip("/") + "_adapter")
     params = method.merge(ctx.model_cfg, ctx.params, adapters)
   hf_io.save_hf(ctx.model_cfg, params, out_dir, tokenizer=ctx.tokenizer, metadata=metadata,
                 dtype=ctx.model_cfg.param_dtype)
