@@ -12,7 +12,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import safetensors.numpy
@@ -27,6 +26,7 @@ from jaxtune import tree
 from jaxtune.models import decoder
 from jaxtune.peft import dora
 from tests import hf_models
+from tests import peft_utils
 
 CFG = config_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=16)
@@ -251,22 +251,12 @@ def test_training_changes_only_adapters_and_sharded_matches_one_device(base):
   ad = dora.init(CFG, base, PC, key=jax.random.key(9))
   tokens = jnp.asarray(_tokens(10, b=8, t=16, v=CFG.vocab_size))
   frozen = jax.tree.map(lambda x: np.array(x, copy=True), base)
-  opt = optax.adam(1e-2)
 
   def loss_fn(p, base, constrain=None):
     return _ce(decoder.forward(CFG, base, tokens, lora=dataclasses.replace(ad, params=p),
                                constrain=constrain), tokens)
 
-  @jax.jit
-  def step(p, s, base):
-    loss, g = jax.value_and_grad(loss_fn)(p, base)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  p, s, losses = ad.params, opt.init(ad.params), []
-  for _ in range(5):
-    p, s, loss = step(p, s, base)
-    losses.append(float(loss))
+  p, losses = peft_utils.adam_steps(loss_fn, ad.params, base, lr=1e-2, steps=5)
   print(f"DoRA losses {losses[0]:.4f} -> {losses[-1]:.4f}")
   assert losses[-1] < losses[0] - 0.05
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, base))

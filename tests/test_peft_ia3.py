@@ -11,7 +11,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import safetensors.numpy
@@ -25,6 +24,7 @@ from jaxtune import tree
 from jaxtune.models import decoder
 from jaxtune.peft import ia3
 from tests import hf_models
+from tests import peft_utils
 
 CFG = config_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True)
@@ -200,22 +200,12 @@ def test_training_changes_only_vectors_and_sharded_matches_one_device(base):
   ad = ia3.init(CFG, base, PC)
   tokens = jnp.asarray(_tokens(10, b=8, t=16, v=CFG.vocab_size))
   frozen = jax.tree.map(lambda x: np.array(x, copy=True), base)
-  opt = optax.adam(5e-2)
 
   def loss_fn(p, base, constrain=None):
     return _ce(decoder.forward(CFG, base, tokens, lora=dataclasses.replace(ad, params=p),
                                constrain=constrain), tokens)
 
-  @jax.jit
-  def step(p, s, base):
-    loss, g = jax.value_and_grad(loss_fn)(p, base)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  p, s, losses = ad.params, opt.init(ad.params), []
-  for _ in range(5):
-    p, s, loss = step(p, s, base)
-    losses.append(float(loss))
+  p, losses = peft_utils.adam_steps(loss_fn, ad.params, base, lr=5e-2, steps=5)
   print(f"IA3 losses {losses[0]:.4f} -> {losses[-1]:.4f}")
   assert losses[-1] < losses[0] - 0.02
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, base))

@@ -13,7 +13,6 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import peft
 import pytest
 import safetensors.numpy
@@ -26,6 +25,7 @@ from jaxtune import sharding
 from jaxtune.models import decoder
 from jaxtune.peft import prompt
 from tests import hf_models
+from tests import peft_utils
 
 N = 4
 PC = config_lib.PeftConfig(method="prompt_tuning", num_virtual_tokens=N)
@@ -176,18 +176,7 @@ def test_training_moves_only_the_prompt_and_sharded_matches(tmp_path):
     m = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
     return (nll * m).sum() / m.sum()
 
-  opt = optax.adam(5e-2)
-
-  @jax.jit
-  def step(p, s, base):
-    loss, g = jax.value_and_grad(loss_fn)(p, base)
-    u, s = opt.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
-  p, s, losses = ad.params, opt.init(ad.params), []
-  for _ in range(5):
-    p, s, loss = step(p, s, base)
-    losses.append(float(loss))
+  p, losses = peft_utils.adam_steps(loss_fn, ad.params, base, lr=5e-2, steps=5)
   print(f"prompt tuning losses {losses[0]:.4f} -> {losses[-1]:.4f}")
   assert losses[-1] < losses[0] - 0.02
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.asarray, base))
