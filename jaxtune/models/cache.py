@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune import config as config_lib
-from jaxtune.models import layers
+from jaxtune.models import attention as attention_lib
 
 
 def _static(default=dataclasses.MISSING):
@@ -182,18 +182,18 @@ class Layer:
     new = dataclasses.replace(self, k=self._write(self.k, kt, self.slot),
                               v=self._write(self.v, vt, self.slot))
     kc, vc = new._read(new.k), new._read(new.v)
-    pallas = layers.decode_attention_impl(impl, q, self.pos.shape[-1], sliding_window)
+    pallas = attention_lib.decode_attention_impl(impl, q, self.pos.shape[-1], sliding_window)
     if self.gapless and pallas == "pallas":
       # No ring: a row's keys are the slots from its first prompt token to this one.
       start = jnp.argmax(self.pos >= 0, axis=-1).astype(jnp.int32)  # [B]
       end = jnp.broadcast_to(self.slot + 1, start.shape).astype(jnp.int32)
-      return layers.pallas_decode_attention(q, kc, vc, start, end), new
+      return attention_lib.pallas_decode_attention(q, kc, vc, start, end), new
     kpos = self.pos[:, None, :]  # [B, 1, S]
     qpos = positions[:, :, None]  # [B, T, 1]
     mask = (kpos >= 0) & (kpos <= qpos)
     if sliding_window:
       mask &= (qpos - kpos) < sliding_window
-    return layers.cached_attention(q, kc, vc, mask), new
+    return attention_lib.cached_attention(q, kc, vc, mask), new
 
 
 jax.tree_util.register_dataclass(Layer)

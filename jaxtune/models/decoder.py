@@ -125,7 +125,7 @@ _prepend_virtual = virtual_tokens.prepend
 
 
 def _attention(cfg, q, k, v, *, segment_ids, positions, n_virtual, prefix=None):
-  """`layers.attention` with virtual tokens (`virtual_tokens.attention`): an embedding
+  """`attention.attention` with virtual tokens (`virtual_tokens.attention`): an embedding
   prefix of n_virtual tokens, or a layer's KV prefix (key, value) [P, K*Dh]."""
   return virtual_tokens.attention(q, k, v, segment_ids=segment_ids, positions=positions,
                                   impl=cfg.attention, sliding_window=cfg.sliding_window,

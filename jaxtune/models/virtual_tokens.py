@@ -18,7 +18,7 @@ in PEFT, where they come after the virtual tokens in the sequence or the cache. 
 (segment ids given) stay exact: every segment sees the virtual tokens as its own prefix (the
 embedding prefix's tokens attend only among themselves, so their states are the same for
 every segment; the KV prefix is a constant). Those rows use XLA attention with a mask built
-here; rows without segment ids keep `layers.attention` and its flash kernels for prompt
+here; rows without segment ids keep `attention.attention` and its flash kernels for prompt
 tuning. The decoder drops the virtual tokens' outputs: logits stay [B, T, V]. The sampler's
 KV cache takes the embedding prefix at prefill (`decoder.cached_hidden_states`); a KV
 prefix it refuses (`refuse_kv_prefix_in_cache`); the adaption prompt needs no cache (each
@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models import layers
+from jaxtune.models import attention as attention_lib
 
 PREFIX_EMBEDDINGS = "prefix_embeddings"
 PREFIX_KEY = "prefix_key"
@@ -80,7 +80,7 @@ def layer_prefix(attn_params: dict):
 
 def attention(q, k, v, *, segment_ids, positions, impl: str, sliding_window: int,
               n_virtual: int = 0, prefix=None):
-  """`layers.attention` with the virtual tokens. q [B, T, H, Dh], k/v [B, T, K, Dh],
+  """`attention.attention` with the virtual tokens. q [B, T, H, Dh], k/v [B, T, K, Dh],
   positions [B, T] (already offset) -> [B, T, H, Dh].
 
   n_virtual: the first n_virtual of the T tokens are an embedding prefix; in packed rows
@@ -88,7 +88,7 @@ def attention(q, k, v, *, segment_ids, positions, impl: str, sliding_window: int
   query (the window, if any, applies over positions).
   """
   if prefix is None and (not n_virtual or segment_ids is None):
-    return layers.attention(q, k, v, segment_ids=segment_ids, impl=impl,
+    return attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=impl,
                             sliding_window=sliding_window)
   b, t, kh, dh = k.shape
   idx = jnp.arange(t)
