@@ -30,6 +30,9 @@ MODEL_KEYS = ("model.hf_path", "data.tokenizer", "distill.teacher_path", "grpo.r
 # Local files that may not exist yet (written by a tool before training) or are checked
 # with a better message later.
 FILE_KEYS = ("distill.teacher_logits_file",)
+# Comma-separated function specs: each "path/to/file.py:func" entry made absolute;
+# "builtin:NAME" and "package.module:func" kept.
+FUNCTION_KEYS = ("grpo.reward_fns",)
 DATA_KEYS = ("data.train_files", "data.eval_files")  # comma-separated, hf:NAME entries kept
 TEMPLATE_KEYS = ("data.chat_template",)  # a file, or the template text itself
 
@@ -68,6 +71,17 @@ def data_spec(value: str) -> str:
                   os.path.abspath(os.path.expanduser(e)) for e in entries if e)
 
 
+def function_specs(value: str) -> str:
+  """Each "FILE.py:func" entry of a comma-separated list with FILE made absolute."""
+  out = []
+  for e in (e.strip() for e in value.split(",")):
+    target, sep, name = e.rpartition(":")
+    if sep and target.endswith(".py"):
+      e = os.path.abspath(os.path.expanduser(target)) + ":" + name
+    out.append(e)
+  return ",".join(e for e in out if e)
+
+
 def template(value: str, key: str) -> str:
   if not value or "{%" in value or "{{" in value:
     return value
@@ -86,6 +100,9 @@ def resolve(cfg):
     if config_tree.has_path(cfg, key) and config_tree.get_path(cfg, key):
       value = os.path.abspath(os.path.expanduser(config_tree.get_path(cfg, key)))
       cfg = config_tree.replace_path(cfg, key, value)
+  for key in FUNCTION_KEYS:
+    if config_tree.has_path(cfg, key):
+      cfg = config_tree.replace_path(cfg, key, function_specs(config_tree.get_path(cfg, key)))
   for key in DATA_KEYS:
     if config_tree.has_path(cfg, key):
       cfg = config_tree.replace_path(cfg, key, data_spec(config_tree.get_path(cfg, key)))
