@@ -27,7 +27,7 @@ from jaxtune.models import layers
 
 def final_norm(cfg: config_lib.ModelConfig, params: dict, x: jax.Array) -> jax.Array:
   """The last RMSNorm before the output projection. x [B, T, D] -> [B, T, D]."""
-  return layers.rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+  return layers.norm(cfg, x, params["norm"]["scale"])
 
 
 def kernel(cfg: config_lib.ModelConfig, params: dict):
@@ -45,13 +45,21 @@ def softcap(cfg: config_lib.ModelConfig, logits: jax.Array) -> jax.Array:
   return cap * jnp.tanh(logits / cap)
 
 
-def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array) -> jax.Array:
-  """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V] (soft-capped)."""
+def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
+           product_dtype=jnp.float32) -> jax.Array:
+  """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V] (soft-capped).
+
+  product_dtype: the dtype the projection writes before the cast to float32. float32 (the
+  default: every loss and score) accumulates and keeps the products in float32; the sampler
+  passes the activation dtype, so a bf16 model rounds its logits to bf16 as `transformers`
+  does (its lm_head runs in bf16), and the decode step's largest GEMM writes half the bytes.
+  """
   w, transposed = kernel(cfg, params)
   if transposed:
-    out = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=product_dtype)
   else:
-    out = layers.linear(h, w).astype(jnp.float32)
+    out = layers.linear(h, w)
+    out = out.astype(product_dtype) if product_dtype == jnp.float32 else out
   return softcap(cfg, out.astype(jnp.float32))
 
 

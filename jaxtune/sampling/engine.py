@@ -129,6 +129,12 @@ def inputs(plan: Plan, rows: list[Row], eos_ids, mesh=None) -> dict:
           for k, v in out.items()}
 
 
+def _logits(cfg: config_lib.ModelConfig, params: dict, h):
+  """float32 logits [B, V] of h [B, 1, D], the projection written in the activation dtype
+  (`head.logits`' product_dtype: a bf16 model's logits are bf16-rounded, as in HF)."""
+  return head.logits(cfg, params, h, product_dtype=decoder.DTYPES[cfg.dtype])[:, 0]
+
+
 def _pick(plan: Plan, logits, state: dict, step):
   """Tokens and log-probs [B] for column `step` from logits [B, V]."""
   keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(state["keys"], step)
@@ -153,7 +159,7 @@ def _prefill(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, inp: d
   h, kv = decoder.cached_hidden_states(
       cfg, params, inp["tokens"], kv, positions=jnp.maximum(cols, 0),
       segment_ids=(cols >= 0).astype(jnp.int32), prefill=True, constrain=constrain)
-  logits = head.logits(cfg, params, h[:, -1:])[:, 0]  # [B, V]: the last prompt column
+  logits = _logits(cfg, params, h[:, -1:])  # [B, V]: the last prompt column
   state = dict(inp, kv=kv, step=jnp.ones((), jnp.int32))
   del state["tokens"]
   tok, lp = _pick(plan, logits, state, jnp.zeros((), jnp.int32))
@@ -177,7 +183,7 @@ def _step(cfg: config_lib.ModelConfig, plan: Plan, constrain, params: dict, s: d
   kv = cache.write_positions(s["kv"], slot, qpos)
   h, kv = decoder.cached_hidden_states(cfg, params, prev[:, None], kv, positions=qpos[:, None],
                                        slot=slot, prefill=False, constrain=constrain)
-  logits = head.logits(cfg, params, h)[:, 0]  # [B, V]
+  logits = _logits(cfg, params, h)  # [B, V]
   tok, lp = _pick(plan, logits, s, t)
   zero = jnp.zeros((), jnp.int32)
   out = dict(s, kv=cache.constrain(kv, cfg, constrain), step=t + 1)
