@@ -3,7 +3,8 @@
     func(prompts: list[str], completions: list[str], **fields) -> list[float | None]
 
 Point `grpo.reward_fns` at any such function: `--set=grpo.reward_fns=configs/grpo_rewards.py:
-letter_share`. `fields` holds the records' other columns (`answer`) and `completion_ids`.
+letter_share`. `fields` holds the records' other columns (`answer` and any other), each repeated per
+completion, and `completion_ids`.
 """
 
 

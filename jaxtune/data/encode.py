@@ -83,6 +83,7 @@ class Result:
   untrained_turns: int = 0  # turns left untrained on a template mismatch (check off)
   turns_without_eos: int = 0  # trained assistant turns ending without a special token
   by_turns: bool = False  # rendered turn by turn (see the module docstring)
+  fields: dict | None = None  # prompt: the record's other columns (formats.Example.fields)
 
 
 def policy_for(policy: str, fmt: str) -> str:
@@ -165,7 +166,7 @@ class Encoder:
     if ex.format == "prompt":
       ids = self._render(ex.messages, ex.where, "prompt", generation=True)
       return Result((self._finish(ids, np.zeros(len(ids), bool)),), answer=ex.answer,
-                    field="prompt")
+                    field="prompt", fields=ex.fields)
     raise errors.DataError(f"cannot encode format {ex.format!r}")
 
   def _text_ids(self, text: str, *, add_special: bool) -> list[int]:

@@ -14,7 +14,8 @@ Formats (`data.format`, or detected from the first record of each source by its 
                      a list that repeats the prompt messages first (UltraFeedback style) is
                      accepted and the repeated prefix is removed
   prompt             {"prompt": str | messages, or "messages": [...], "answer" (optional)};
-                     the conversation must end with a user turn
+                     the conversation must end with a user turn; any other columns are kept
+                     in `fields` (GRPO passes them to reward functions)
 
 A message's content (and the "system" field) may also be a list of content blocks, as in
 Amazon Bedrock's `bedrock-conversation-2024` schema (`"system": [{"text": ...}]`,
@@ -36,6 +37,8 @@ from jaxtune.data import errors
 
 FORMATS = ("text", "chat", "instruction", "prompt_completion", "preference", "prompt")
 ROLES = ("system", "user", "assistant")
+# What a prompt record's prompt is made of; its other columns pass to reward functions.
+PROMPT_FIELDS = ("prompt", "messages", "system", "answer")
 # Formats each pipeline kind accepts.
 KIND_FORMATS = {
     "sft": ("text", "chat", "instruction", "prompt_completion"),
@@ -56,6 +59,7 @@ class Example:
   chosen: list[dict[str, str]] | None = None  # preference: response messages
   rejected: list[dict[str, str]] | None = None
   answer: str | None = None  # prompt
+  fields: dict[str, Any] | None = None  # prompt: the record's other columns (reward functions)
   offset: int = 0  # messages[i] is record field messages[i - offset] (system from 'system')
 
 
@@ -111,7 +115,9 @@ def normalize(record: dict, fmt: str, where: str, *, text_field: str = "text") -
     answer = record.get("answer")
     if answer is not None and not isinstance(answer, str):
       answer = json.dumps(answer) if not isinstance(answer, (int, float)) else str(answer)
-    return Example(fmt, where, messages=_prompt_messages(record, where), answer=answer)
+    fields = {k: v for k, v in record.items() if k not in PROMPT_FIELDS}
+    return Example(fmt, where, messages=_prompt_messages(record, where), answer=answer,
+                   fields=fields or None)
   raise errors.DataError(f"unknown data.format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

@@ -82,7 +82,7 @@ def fit(result: encode.Result, seq_len: int, truncation: str, where: str, *,
         s = encode.Encoded(s.ids[sl], s.train[sl])
       seqs.append(s)
     result = encode.Result(tuple(seqs), result.answer, result.field, result.untrained_turns,
-                           result.turns_without_eos)
+                           result.turns_without_eos, fields=result.fields)
     outcome = "truncated"
   if kind != "prompt" and any(not s.train[1:].any() for s in result.seqs):
     return None, "no_loss_tokens"

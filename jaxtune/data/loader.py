@@ -56,7 +56,8 @@ def _assemble(kind: str, rows: list, seq_len: int, pad_id: int) -> dict[str, Any
   if kind == "preference":
     return packing.assemble_pairs([(row[0][0].seqs, row[0][1]) if row else None
                                    for row in rows], seq_len, pad_id)
-  return packing.assemble_prompts([(row[0][0].seqs[0], row[0][0].answer) if row else None
+  return packing.assemble_prompts([(row[0][0].seqs[0], row[0][0].answer, row[0][0].fields)
+                                   if row else None
                                    for row in rows], seq_len, pad_id)
 
 

@@ -112,20 +112,26 @@ def assemble_pairs(rows: Sequence[tuple[tuple[encode.Encoded, encode.Encoded], i
   return out
 
 
-def assemble_prompts(rows: Sequence[tuple[encode.Encoded, str | None] | None], seq_len: int,
-                     pad_id: int = 0) -> dict:
-  """(prompt, answer) per row -> prompt_tokens / prompt_mask [B, T] left-padded, answers."""
+def assemble_prompts(rows: Sequence[tuple | None], seq_len: int, pad_id: int = 0) -> dict:
+  """(prompt, answer[, fields]) per row -> prompt_tokens / prompt_mask [B, T] left-padded,
+  answers, and `fields` (per row the record's other columns, a dict or None) when any row
+  has some."""
   tokens = np.full((len(rows), seq_len), pad_id, np.int32)
   mask = np.zeros((len(rows), seq_len), np.int32)
-  answers = []
+  answers, fields = [], []
   for b, row in enumerate(rows):
     if row is None:
       answers.append(None)
+      fields.append(None)
       continue
-    seq, answer = row
+    seq, answer = row[:2]
+    fields.append(row[2] if len(row) > 2 else None)
     n = len(seq)
     tokens[b, seq_len - n:] = seq.ids
     mask[b, seq_len - n:] = 1
     answers.append(answer)
-  return {"prompt_tokens": tokens, "prompt_mask": mask,
-          "answers": answers if any(a is not None for a in answers) else None}
+  out = {"prompt_tokens": tokens, "prompt_mask": mask,
+         "answers": answers if any(a is not None for a in answers) else None}
+  if any(fields):
+    out["fields"] = fields
+  return out

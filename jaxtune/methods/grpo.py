@@ -193,9 +193,8 @@ class Rollouts:
     repeated = [p for p in grpo_batch.prompt_lists(prompts) for _ in range(n_gen)]
     completions, logps, valid = self._sample(repeated, step)
     rollout_s = time.perf_counter() - t0
-    answers = prompts.get("answers")
-    fields = {"answer": None if answers is None else [a for a in answers for _ in range(n_gen)]}
-    reward, each = self.scorer(ctx.tokenizer, repeated, completions, fields)
+    reward, each = self.scorer(ctx.tokenizer, repeated, completions,
+                               grpo_batch.record_fields(prompts, n_gen))
     batch = grpo_batch.assemble(repeated, completions, logps,
                                 seq_len=ctx.cfg.data.seq_len + g.max_new_tokens,
                                 pad_id=int(ctx.data.train.pad_id))

@@ -33,12 +33,32 @@ from jaxtune.models import decoder
 from jaxtune.models import head
 
 ROW_STATS = "row/"
+RESERVED = ("prompts", "completions", "completion", "completion_ids")
 
 
 def prompt_lists(prompts: dict) -> list[list[int]]:
   """Left-padded prompt_tokens / prompt_mask [P, T] -> P token lists (padding dropped)."""
   return [row[m > 0].tolist() for row, m in zip(prompts["prompt_tokens"],
                                                 prompts["prompt_mask"])]
+
+
+def record_fields(prompts: dict, n_gen: int) -> dict[str, list]:
+  """The prompt records' columns as reward-function keyword arguments, each repeated per
+  completion (TRL passes a dataset's extra columns so): `answer` (as a string) and every
+  other column of the records; a record without a column gets None there. Columns named
+  like the function's own arguments (RESERVED) are not passed, as in TRL.
+
+      prompts["answers"] = ["4", None]; prompts["fields"] = [{"id": 7}, {"id": 8, "tag": "x"}]
+      -> {"answer": ["4", "4", None, None], "id": [7, 7, 8, 8], "tag": [None, None, "x", "x"]}
+                                                                              (n_gen = 2)
+  """
+  rows = prompts.get("fields") or [None] * len(prompts["prompt_tokens"])
+  names = sorted({k for r in rows if r for k in r} - set(RESERVED))
+  out = {k: [(r or {}).get(k) for r in rows for _ in range(n_gen)] for k in names}
+  answers = prompts.get("answers")
+  if answers is not None:
+    out["answer"] = [a for a in answers for _ in range(n_gen)]
+  return out
 
 
 def assemble(prompt_ids: list[list[int]], completions: list[list[int]],

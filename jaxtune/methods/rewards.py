@@ -5,8 +5,9 @@ A reward function has TRL's signature:
 
     func(prompts: list[str], completions: list[str], **fields) -> list[float | None]
 
-`fields` holds the prompt records' other columns repeated per completion (today `answer`)
-plus `completion_ids` (token ids). None means "not applicable" to that completion: it is
+`fields` holds the prompt records' other columns repeated per completion (`answer` as a
+string, every other column as in the record, None where a record lacks it; as TRL passes a
+dataset's extra columns) plus `completion_ids` (token ids). None means "not applicable" to that completion: it is
 left out of the weighted sum (the other functions' weights are not renormalised, as TRL
 does). They are named in `grpo.reward_fns` as
 
