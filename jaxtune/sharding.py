@@ -113,6 +113,7 @@ def constrainer(mesh: Mesh | None):
   def constrain(x, axes):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh)))
 
+  constrain.mesh = mesh  # the model hands it to its custom kernels (attention.shard_kernel)
   return constrain
 
 

@@ -1,13 +1,18 @@
 """Attention kernels: training/prefill attention over a whole sequence, and attention over a
 KV cache for decoding. Pure functions over arrays; which kernel runs is chosen here, from the
-configured `model.attention` ('auto' | 'xla' | 'cudnn' | 'pallas'), the backend, the dtype
-and what the call needs (packed segment ids, a sliding window, a soft-cap).
+configured `model.attention` ('auto' | 'xla' | 'cudnn' | 'pallas' | 'splash'), the backend,
+the dtype and what the call needs (packed segment ids, a sliding window, a soft-cap).
+
+Custom kernels (Pallas, Triton, cuDNN, TPU splash) are opaque to XLA's partitioner: given a
+`mesh`, they run under `shard_map` with rows over the batch axes ('data', 'fsdp') and heads
+over 'tensor' (sharding.RULES' 'batch' and 'act_heads'), so each device computes only its
+own rows and heads and nothing is all-gathered around them.
 
 Shapes: B batch, T query time, S key time (cache slots), H query heads, K kv heads,
 Dh head dim. `scale` is the softmax scale (default Dh ** -0.5); `softcap` > 0 caps the
-scores as softcap * tanh(s / softcap) before the mask (Gemma 2). Only the 'xla' paths
-implement the soft-cap: 'auto' falls back to them when it is set, and asking for another
-kernel with a soft-cap is an error.
+scores as softcap * tanh(s / softcap) before the mask (Gemma 2). The 'xla' paths and the
+TPU 'splash' kernel implement the soft-cap: 'auto' on GPU falls back to 'xla' when it is set,
+and asking for a GPU kernel with a soft-cap is an error.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxtune import sharding
+
+# The fused kernels need the sequence to split into 128-token blocks.
+BLOCK = 128
 
 
 def attention_mask(segment_ids: jax.Array | None, b: int, t: int,
@@ -55,44 +66,117 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None,
               impl: str, sliding_window: int = 0, scale: float | None = None,
-              softcap: float = 0.0) -> jax.Array:
+              softcap: float = 0.0, mesh=None) -> jax.Array:
   """Causal GQA attention. q [B, T, H, Dh], k/v [B, T, K, Dh] -> [B, T, H, Dh].
 
-  impl 'cudnn' uses the fused cuDNN flash kernel (GPU, bf16/fp16, no segments: jax's public
-  `dot_product_attention` takes no segment ids, only per-row lengths, so packed rows would
-  need a materialised [B, T, T] bias); 'pallas' is the Pallas/Triton flash kernel of
-  `jax.experimental.pallas.ops.gpu.attention`, which masks packed segments blockwise from
-  the [B, T] ids without a [T, T] mask (GPU; runs interpreted, slowly, elsewhere; k/v are
-  repeated to H heads; no sliding window); 'xla' is portable and materialises the mask.
-  'auto' on GPU in bf16/fp16 picks cuDNN without segments and Pallas with them (T a
-  multiple of 128, no window; on an H200, B=4 T=2048 H=32 Dh=64: fwd+bwd 2.2 ms against
-  7.5 ms for 'xla', cuDNN without segments 0.8 ms), else 'xla'; with a soft-cap, 'xla'.
-  Padding is segment id 0, so padded query rows attend only to padding and never produce
-  NaNs.
+  impl 'cudnn' is cuDNN's fused flash kernel (GPU, bf16/fp16). jax's public
+  `dot_product_attention` takes no segment ids, so given packed rows 'cudnn' checks at run
+  time, per device, whether every row is one example followed by padding (`unpacked`): then
+  plain causal cuDNN is exact for every real token (a real token never sees a later
+  position), and only the padding positions' outputs differ from the segment mask's (they
+  read the example; nothing reads them back). Rows that really are packed take the Pallas
+  kernel. 'pallas' is the Pallas/Triton flash kernel of `jax.experimental.pallas.ops.gpu.
+  attention`, which masks segments block by block from the [B, T] ids (GPU; k/v repeated to
+  H heads; no window). 'splash' is JAX's TPU splash kernel (`pallas.ops.tpu.
+  splash_attention`) with segment ids, sliding window and soft-cap. Off their backend the
+  Pallas kernels run interpreted (slowly: for tests). 'xla' is portable and materialises
+  the [B, 1, T, T] mask.
+
+  'auto': on GPU in bf16/fp16 without soft-cap, 'cudnn' (with the run-time unpacked check
+  when there are segments; packed rows need T % 128 == 0 and no window, else 'xla'); on TPU
+  'splash' when T % 128 == 0; else 'xla'. Padding is segment id 0, so padded query rows
+  attend only to padding and never produce NaNs. `mesh`: see the module docstring.
   """
-  b, t = q.shape[:2]
-  on_gpu = jax.default_backend() == "gpu"
+  impl = _choose(impl, q, segment_ids, sliding_window, softcap)
+  if impl == "xla":
+    b, t = q.shape[:2]
+    mask = attention_mask(segment_ids, b, t, sliding_window)
+    return masked_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  interpret = jax.default_backend() != ("tpu" if impl == "splash" else "gpu")
+  if impl == "splash":
+    fn = functools.partial(_splash_attention, scale=scale, softcap=softcap,
+                           sliding_window=sliding_window, interpret=interpret)
+  elif impl == "pallas":
+    fn = functools.partial(_pallas_attention, scale=scale, interpret=interpret)
+  else:
+    fn = functools.partial(_cudnn_attention, scale=scale, sliding_window=sliding_window,
+                           interpret=interpret)
+  return shard_kernel(fn, mesh, q, k, v, segment_ids)
+
+
+def _choose(impl: str, q, segment_ids, sliding_window: int, softcap: float) -> str:
+  """The kernel for `attention`; errors name what the forced kernel cannot do."""
+  t = q.shape[1]
+  backend = jax.default_backend()
   if impl == "auto":
     impl = "xla"
-    if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and not softcap:
-      if segment_ids is None:
-        impl = "cudnn"
-      elif not sliding_window and t % 128 == 0:
-        impl = "pallas"
-  if softcap and impl != "xla":
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and not softcap:
+      packed_ok = not sliding_window and t % BLOCK == 0
+      impl = "cudnn" if segment_ids is None or packed_ok else "xla"
+    elif backend == "tpu" and t % BLOCK == 0:
+      impl = "splash"
+  if impl not in ("xla", "cudnn", "pallas", "splash"):
+    raise ValueError(f"unknown attention {impl!r} (expected auto, xla, cudnn, pallas, splash)")
+  if softcap and impl in ("cudnn", "pallas"):
     raise ValueError(f"attention={impl!r} has no logit soft-cap; use 'auto' or 'xla'")
-  if impl == "cudnn":
-    if segment_ids is not None:
-      raise ValueError("attention='cudnn' does not take packed segment ids; use 'auto' or 'xla'")
+  if sliding_window and (impl == "pallas" or (impl == "cudnn" and segment_ids is not None)):
+    raise ValueError(f"attention={impl!r} has no sliding window with packed segment ids; "
+                     "use 'xla'")
+  if impl == "splash" and t % BLOCK:
+    raise ValueError(f"attention='splash' needs the sequence length to be a multiple of "
+                     f"{BLOCK}, got {t}")
+  return impl
+
+
+def shard_kernel(fn, mesh, q, k, v, segment_ids):
+  """fn(q, k, v, segment_ids) -> o, run per device under `shard_map` over `mesh`.
+
+  Rows split over the mesh axes of 'batch', query heads over those of 'act_heads' (each by
+  `sharding.spec`, so an axis that does not divide stays whole). When kv heads do not split
+  like the query heads, k/v are repeated to H heads first, so a device's query heads find
+  their own kv heads locally. No mesh, or one device: fn called directly."""
+  if mesh is None or mesh.size == 1:
+    return fn(q, k, v, segment_ids)
+  qs = sharding.spec(("batch", "seq", "act_heads", "head_dim"), q.shape, mesh)
+  heads = qs[2]
+  if heads is not None and k.shape[2] % _axis_size(mesh, heads):
+    groups = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+  ks = PartitionSpec(qs[0], None, heads, None)
+  if segment_ids is None:
+    return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(qs, ks, ks),
+                         out_specs=qs, check_vma=False)(q, k, v)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, PartitionSpec(qs[0], None)),
+                       out_specs=qs, check_vma=False)(q, k, v, segment_ids)
+
+
+def _axis_size(mesh, axes) -> int:
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(functools.reduce(lambda a, n: a * mesh.shape[n], axes, 1))
+
+
+def unpacked(segment_ids: jax.Array) -> jax.Array:
+  """Bool []: every row is one segment followed only by padding (id 0), or all padding.
+  Then causal attention without segments equals the segment mask on every real token."""
+  real = segment_ids != 0  # [B, T]
+  prefix = jnp.all(real[:, 1:] <= real[:, :-1])  # no real token after padding
+  return prefix & jnp.all(~real | (segment_ids == segment_ids[:, :1]))
+
+
+def _cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, interpret):
+  """cuDNN causal flash attention; packed rows (found at run time) go to Pallas."""
+
+  def causal(q, k, v):
     window = (sliding_window - 1, 0) if sliding_window else None
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                         scale=scale, implementation="cudnn")
-  if impl == "pallas":
-    if sliding_window:
-      raise ValueError("attention='pallas' has no sliding window; use 'xla'")
-    return _pallas_attention(q, k, v, segment_ids, scale=scale, interpret=not on_gpu)
-  mask = attention_mask(segment_ids, b, t, sliding_window)
-  return masked_attention(q, k, v, mask, scale=scale, softcap=softcap)
+
+  if segment_ids is None:
+    return causal(q, k, v)
+  packed = functools.partial(_pallas_attention, segment_ids=segment_ids, scale=scale,
+                             interpret=interpret)
+  return jax.lax.cond(unpacked(segment_ids), causal, packed, q, k, v)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
@@ -136,21 +220,39 @@ def decode_attention_impl(impl: str, q: jax.Array, num_slots: int, sliding_windo
 
 
 def pallas_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array,
-                            end: jax.Array, *, scale: float | None = None) -> jax.Array:
+                            end: jax.Array, *, scale: float | None = None,
+                            mesh=None) -> jax.Array:
   """One query token per row over a KV cache with the Pallas/Triton decode kernel of
   `jax.experimental.pallas.ops.gpu.decode_attention`. q [B, 1, H, Dh]; k/v [B, K, S, Dh];
   the row's keys are the slots [start, end) (start [B], end [B] int32) -> [B, 1, H, Dh].
 
   The slots split into blocks of up to 128; blocks past `end` are skipped, so a step reads
   only the filled part of the cache. The kernel runs per (row, kv head) with that kv head's
-  query group, so k/v are read in place (no repeat, no transpose).
+  query group, so k/v are read in place (no repeat, no transpose). Given a `mesh`, it runs
+  under `shard_map`: rows over the batch axes, kv heads (with their query groups) over
+  'tensor' when the kv heads split evenly, else heads stay whole.
   """
+  b, _, h, dh = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  fn = functools.partial(_decode_local, scale=dh ** -0.5 if scale is None else scale,
+                         block=next(c for c in (128, 64, 32, 16) if s % c == 0))
+  if mesh is None or mesh.size == 1:
+    return fn(q, k, v, start, end)
+  rows = sharding.spec(("batch", "seq", "kv_heads", "head_dim"), (b, 1, kh, dh), mesh)
+  qs = PartitionSpec(rows[0], None, rows[2], None)
+  ks = PartitionSpec(rows[0], rows[2], None, None)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, PartitionSpec(rows[0]),
+                                                PartitionSpec(rows[0])),
+                       out_specs=qs, check_vma=False)(q, k, v, start, end)
+
+
+def _decode_local(q, k, v, start, end, *, scale: float, block: int):
+  """`pallas_decode_attention` on one device's rows and heads."""
   from jax.experimental.pallas.ops.gpu import decode_attention  # lazy: Triton
   b, _, h, dh = q.shape
   kh, s = k.shape[1], k.shape[2]
-  block = next(c for c in (128, 64, 32, 16) if s % c == 0)
   inner = functools.partial(
-      decode_attention.decode_attn_unbatched, sm_scale=dh ** -0.5 if scale is None else scale,
+      decode_attention.decode_attn_unbatched, sm_scale=scale,
       block_h=16, block_k=block, k_splits=s // block, num_warps=None, num_stages=2, grid=None,
       interpret=jax.default_backend() != "gpu", debug=False, return_residuals=False,
       normalize_output=True)
@@ -161,12 +263,41 @@ def pallas_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
   return o.reshape(b, 1, h, dh)
 
 
-def _pallas_attention(q, k, v, segment_ids, *, scale, interpret: bool):
+def _pallas_attention(q, k, v, segment_ids=None, *, scale, interpret: bool):
   """Pallas flash attention, causal, segment-masked. q [B, T, H, Dh], k/v [B, T, K, Dh]."""
   from jax.experimental.pallas.ops.gpu import attention as pallas_attention  # lazy: Triton
   groups = q.shape[2] // k.shape[2]
   k = jnp.repeat(k, groups, axis=2)  # [B, T, H, Dh]
   v = jnp.repeat(v, groups, axis=2)
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-  scale = q.shape[-1] ** -0.5 if scale is None else scale
   return pallas_attention.mha(q, k, v, seg, sm_scale=scale, causal=True, interpret=interpret)
+
+
+def _splash_attention(q, k, v, segment_ids, *, scale, softcap, sliding_window, interpret):
+  """JAX's TPU splash kernel: causal (or a causal window), segment ids, soft-cap, GQA as MQA
+  per kv head (no k/v repeat). q [B, T, H, Dh], k/v [B, T, K, Dh] -> [B, T, H, Dh]."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # lazy: TPU kernels
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, t, h, dh = q.shape
+  kh = k.shape[2]
+  one = (masks.LocalMask((t, t), (sliding_window - 1, 0), offset=0) if sliding_window
+         else masks.CausalMask((t, t)))
+  blk = next(c for c in (512, 256, 128) if t % c == 0)
+  sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk,
+                            block_q_dkv=blk, block_kv_dkv=blk, block_kv_dkv_compute=blk,
+                            block_q_dq=blk, block_kv_dq=blk)
+  kernel = splash.make_splash_mqa_single_device(
+      mask=masks.MultiHeadMask([one] * (h // kh)), block_sizes=sizes,
+      attn_logits_soft_cap=softcap or None, interpret=interpret)
+  qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kh, h // kh, dh)
+  qg = qg.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+  kt, vt = (x.astype(q.dtype).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, T, Dh]
+  if segment_ids is None:
+    per_head = jax.vmap(lambda qq, kk, vv: kernel(qq, kk, vv))
+    o = jax.vmap(per_head)(qg, kt, vt)
+  else:
+    seg = segment_ids.astype(jnp.int32)
+    per_head = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=s),
+                        in_axes=(0, 0, 0, None))
+    o = jax.vmap(per_head)(qg, kt, vt, splash.SegmentIds(q=seg, kv=seg))
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh).astype(q.dtype)  # [B, T, H, Dh]
