@@ -20,6 +20,10 @@ content, so packing and shuffling do not matter) and the loss is
 `losses.distill_loss_with_teacher_topk`; kl_to_teacher is then the forward KL on the
 stored top-k support, and teacher/missing counts loss tokens the file does not cover.
 
+On-policy (GKD, Agarwal et al. 2024): with distill.on_policy = LAMBDA > 0, a share LAMBDA
+of the steps train on the student's own samples of the data's prompts, scored by the teacher
+with the same loss (`distill_onpolicy.py`).
+
 Vocabularies: HF checkpoints of one tokenizer often pad the embedding table to different
 sizes (e.g. 151936 vs 152064); both logits are cut to the smaller vocabulary, which must
 still cover the tokenizer.
@@ -37,6 +41,7 @@ from jaxtune import losses
 from jaxtune import weights
 from jaxtune.hf import io as hf_io
 from jaxtune.methods import base
+from jaxtune.methods import distill_onpolicy
 from jaxtune.methods import teacher_table
 from jaxtune.models import head
 
@@ -70,6 +75,7 @@ def check(cfg: config_lib.TrainConfig) -> None:
                                  "(expected > 0)")
   if mc.top_k < 0:
     raise config_lib.ConfigError(f"bad value for distill.top_k: {mc.top_k} (expected >= 0)")
+  distill_onpolicy.check(cfg)
 
 
 def teacher_config(cfg: config_lib.TrainConfig) -> config_lib.ModelConfig:
@@ -149,6 +155,9 @@ def make_objective(model_cfg: config_lib.ModelConfig, teacher_cfg: config_lib.Mo
     loss = losses.mix_with_ce(dist, ce, alpha=mc.alpha)
     # Means times the token count are the sums (0 when there are no tokens): exact under
     # gradient accumulation, since the step divides the summed numerators once.
+    if distill_onpolicy.ON_POLICY in batch:  # 1 on the batches the student sampled
+      flag = batch[distill_onpolicy.ON_POLICY][:, 0]
+      metrics["on_policy"] = (jnp.sum(flag), jnp.asarray(flag.shape[0], jnp.float32))
     metrics.update({"kl_to_teacher": (jax.lax.stop_gradient(kl) * scale, tokens),
                     "distill": (jax.lax.stop_gradient(dist) * scale, tokens),
                     "ce": (jax.lax.stop_gradient(ce) * scale, tokens)})
@@ -180,6 +189,12 @@ class Distill(base.Method):
       return {TABLE: teacher_table.load(mc.teacher_logits_file, ctx.mesh,
                                         vocab_size=ctx.model_cfg.vocab_size, top_k=mc.top_k)}
     return {TEACHER: load_teacher(ctx.cfg, ctx.mesh)}
+
+  def batches(self, ctx: base.Context, run):
+    """The data batches; with distill.on_policy > 0 some are the student's own samples."""
+    if ctx.cfg.distill.on_policy > 0:
+      return distill_onpolicy.OnPolicy(ctx, run)
+    return ctx.data.train
 
 
 METHOD = Distill()
