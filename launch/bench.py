@@ -8,6 +8,16 @@ and optimizer, in one command, and prints one table (docs/BENCHMARKS.md has the 
   python launch/bench.py --workloads=8b_lora,8b_qlora --seq_lens=4096
   python launch/bench.py --smoke          # tiny shapes on CPU: what tests/test_bench.py runs
   python launch/bench.py --workloads=decode_1b   # sampling: see launch/bench_decode.py
+  python launch/bench.py --workloads=1b_full,1b_full_seg,1b_full_chat,1b_lora,1b_lora_chat \
+      --frameworks=torch,torch_compile,jaxtune --batch=8    # launcher's data path, peers
+
+Workloads are SHAPE_METHOD[_DATA]; DATA (launch/bench_chat.py) is absent for the synthetic
+rows below, 'seg' for the same rows carrying the segment ids and positions the data pipeline
+attaches to unpacked rows, 'chat' for the real launch/train.py pipeline (bundled chat sample,
+packed, loss on assistant turns, a new batch every step); tokens/s then counts real
+(non-padding) tokens. Frameworks: jaxtune, torch (eager), torch_compile (torch.compile,
+default mode; on seg/chat rows with flex_attention document masking, eager uses sdpa with
+the same block-diagonal mask).
 
 Both sides, unless a line says otherwise:
   model      Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads, mlp 8192, vocab 128256,
@@ -50,6 +60,7 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from launch import bench_chat  # noqa: E402
 from launch import bench_decode  # noqa: E402
 from launch import bench_workers  # noqa: E402
 
@@ -59,8 +70,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command line; defined by __main__ only, so tests import this module flag-free."""
   flags.DEFINE_list("workloads", ["1b_full", "1b_lora", "1b_qlora"],
-                    "SHAPE_METHOD names: shapes 1b | 8b (tiny under --smoke), methods full | "
-                    "lora | qlora; or decode_1b | decode_8b (sampling, bench_decode.py).")
+                    "SHAPE_METHOD[_DATA] names: shapes 1b | 8b (tiny under --smoke), methods "
+                    "full | lora | qlora, DATA seg | chat (see above); or decode_1b | decode_8b "
+                    "(sampling, bench_decode.py).")
   flags.DEFINE_list("decode_batches", ["64", "256"], "decode_*: batch sizes (smoke: 2,4).")
   flags.DEFINE_integer("decode_prompt", 128, "decode_*: prompt tokens per row (smoke: 8).")
   flags.DEFINE_integer("decode_new", 256, "decode_*: sampled tokens per row (smoke: 8).")
@@ -71,7 +83,8 @@ def define_flags() -> None:
                        "limit); each isolated run's timeout is cut to what is left.")
   flags.DEFINE_list("seq_lens", ["2048"], "Sequence lengths.")
   flags.DEFINE_integer("batch", 4, "Rows per step.")
-  flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run.")
+  flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run: torch (eager), "
+                    "torch_compile, jaxtune.")
   flags.DEFINE_enum("precision", "bf16", ["bf16", "mixed"], "See the module docstring.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps (the first one compiles).")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -145,16 +158,17 @@ def _specs() -> list[dict]:
   specs = []
   for seq in seqs:
     for wl in FLAGS.workloads:
-      shape, method = wl.split("_")
+      shape, method, data = parse_workload(wl)
       shape = "tiny" if FLAGS.smoke else shape
-      base = dict(workload=f"{shape}_{method}", shape=shape, method=method, seq=seq,
+      name = "_".join([shape, method] + ([data] if data != "synthetic" else []))
+      base = dict(workload=name, shape=shape, method=method, data=data, seq=seq,
                   batch=batch, precision=FLAGS.precision, smoke=FLAGS.smoke,
                   warmup=1 if FLAGS.smoke else FLAGS.warmup,
                   steps=2 if FLAGS.smoke else FLAGS.steps)
       for fw in FLAGS.frameworks:
-        if fw == "torch":
+        if fw in ("torch", "torch_compile"):
           ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
-          specs.append(dict(base, framework="torch", variant="peer", peer_ckpt=ckpt, model={}))
+          specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=ckpt, model={}))
           continue
         for name, kv in variants:
           model = dict(TUNED[(shape, method)], attention="auto")
@@ -169,13 +183,24 @@ def _specs() -> list[dict]:
   return specs
 
 
+def parse_workload(wl: str) -> tuple[str, str, str]:
+  """'1b_full' -> ('1b', 'full', 'synthetic'); '1b_lora_chat' -> ('1b', 'lora', 'chat')."""
+  parts = wl.split("_")
+  data = parts[2] if len(parts) == 3 else "synthetic"
+  if len(parts) not in (2, 3) or parts[1] not in METHOD_NAMES or data not in bench_chat.DATA_KINDS:
+    raise app.UsageError(f"--workloads: bad name {wl!r} (expected SHAPE_METHOD[_DATA], METHOD "
+                         f"one of {', '.join(METHOD_NAMES)}, DATA seg or chat)")
+  return parts[0], parts[1], data
+
+
 def _derive(r: dict) -> dict:
-  """Adds tokens/s, TFLOP/s, MFU from step_s and train/flops.py."""
+  """Adds tokens/s (real tokens: the worker's tokens_per_step), TFLOP/s, MFU from step_s and
+  train/flops.py."""
   from jaxtune.train import flops
   if r.get("status") != "ok":
     return r
   model_cfg = bench_workers.shape_cfg(r["shape"], r)
-  tokens = r["batch"] * r["seq"]
+  tokens = r.get("tokens_per_step") or r["batch"] * r["seq"]
   fpt = flops.train_flops_per_token(model_cfg, r["seq"], peft=r["method"] != "full")
   r["tokens_per_s"] = tokens / r["step_s"]
   r["tflops"] = fpt * r["tokens_per_s"] / 1e12
@@ -186,12 +211,16 @@ def _derive(r: dict) -> dict:
 
 def _config_str(r: dict) -> str:
   prec = "bf16" if r["precision"] == "bf16" else "fp32 master+bf16"
-  if r["framework"] == "torch":
-    return f"{prec} sdpa ckpt={'on' if r['peer_ckpt'] else 'off'}"
+  if r["framework"] != "jaxtune":
+    attn = (r.get("config_extra") or "attn=sdpa").split("attn=")[-1]
+    comp = "compiled " if r["framework"] == "torch_compile" else ""
+    return f"{comp}{prec} {attn} ckpt={'on' if r['peer_ckpt'] else 'off'}"
   m = r["model"]
   attn = m.get("attention", "auto")
   if attn == "auto" and r.get("cudnn_attention_calls") is not None:
-    attn = "cudnn" if r["cudnn_attention_calls"] else "xla"
+    kernels = [n for n, k in (("cudnn", "cudnn_attention_calls"),
+                              ("pallas", "pallas_attention_calls")) if r.get(k)]
+    attn = "+".join(kernels) or "xla"
   extra = "".join(f" {k}={r[k]}" for k in ("lib", "noflags", "xla") if r.get(k))
   name = "" if r.get("variant") in ("tuned", None) else f"[{r['variant']}] "
   return (f"{name}{prec} attn={attn} remat={m.get('remat')} ce_chunk={m.get('logits_chunk')}"
@@ -201,25 +230,29 @@ def _config_str(r: dict) -> str:
 def table(results: list[dict]) -> str:
   """The printed table: one row per run, the ratio against the peer's row of the same
   workload and sequence length."""
-  peer = {(r["workload"], r["seq"]): r for r in results
-          if r["framework"] == "torch" and r.get("status") == "ok"}
+  peers = {fw: {(r["workload"], r["seq"]): r for r in results
+                if r["framework"] == fw and r.get("status") == "ok"}
+           for fw in ("torch", "torch_compile")}
   head = ("workload", "seq", "framework", "config", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
-          "vs peer")
+          "vs peer", "vs compiled")
   rows = [head]
   for r in results:
-    shape, method = r["workload"].split("_")
+    shape, method, data = parse_workload(r["workload"])
     ok = r.get("status") == "ok"
-    p = peer.get((r["workload"], r["seq"]))
-    ratio = (f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x"
-             if ok and p and r["framework"] != "torch" else "")
+    ratios = []
+    for fw in ("torch", "torch_compile"):
+      p = peers[fw].get((r["workload"], r["seq"]))
+      ratios.append(f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x"
+                    if ok and p and r["framework"] == "jaxtune" else "")
+    label = f"{shape} {METHOD_NAMES[method]}" + ("" if data == "synthetic" else f" {data}")
     rows.append((
-        f"{shape} {METHOD_NAMES[method]}", str(r["seq"]), r["framework"],
+        label, str(r["seq"]), r["framework"],
         _config_str(r) if ok else f"{r.get('status')}: {r.get('error', '')[:60]}",
         f"{r['tokens_per_s']:,.0f}" if ok else "-",
         f"{r['tflops']:.1f}" if ok else "-",
         f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") else "-",
         f"{r['peak_bytes'] / 2**30:.1f}" if ok and r.get("peak_bytes") else "-",
-        ratio))
+        *ratios))
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -227,46 +260,56 @@ def table(results: list[dict]) -> str:
 
 
 def goals(results: list[dict]) -> list[str]:
-  """The issue's goals, checked against these results (only those the run covers)."""
+  """Issue 18's goals, checked against these results (only those the run covers)."""
   ok = {(r["workload"], r["seq"], r["framework"]): r for r in results
         if r.get("status") == "ok" and r.get("variant") in ("tuned", "peer")}
   anyr = {(r["workload"], r["seq"], r["framework"]): r for r in results
           if r.get("variant") in ("tuned", "peer")}
   out = []
+
+  def ratio(r, wl, seq, fw):
+    p = ok.get((wl, seq, fw))
+    return r["tokens_per_s"] / p["tokens_per_s"] if p else None
+
+  def show(v, lo, label):
+    if label == "MFU":
+      return f"MFU {'-' if v is None else f'{100 * v:.1f}%'} (goal >= {100 * lo:.0f}%)"
+    return f"{'-' if v is None else f'{v:.2f}'}{label} (goal >= {lo}x)"
+
+  def verdict(text, checks):  # checks: (value or None, minimum, label)
+    parts = [show(*c) for c in checks]
+    met = all(v is not None and v >= lo for v, lo, _ in checks)
+    out.append(f"{text}: {', '.join(parts)}: {'MET' if met else 'not met'}")
+
   for (wl, seq, fw), r in sorted(ok.items()):
     if fw != "jaxtune":
       continue
-    shape, method = wl.split("_")
-    p = ok.get((wl, seq, "torch"))
-    ratio = r["tokens_per_s"] / p["tokens_per_s"] if p else None
-    rtxt = f"{ratio:.2f}x peer" if ratio else "no peer"
-    if method == "full" and shape == "1b":
-      met = ratio is not None and ratio >= 1.3 and (r.get("mfu") or 0) >= 0.5
-      out.append(f"1B full FT seq {seq}: {rtxt}, MFU {100 * (r.get('mfu') or 0):.1f}% "
-                 f"(goal >= 1.3x and >= 50%): {'MET' if met else 'not met'}")
-    if method == "lora" and shape == "1b":
-      out.append(f"1B LoRA seq {seq}: {rtxt} (goal >= 2x): "
-                 f"{'MET' if ratio and ratio >= 2 else 'not met'}")
+    shape, method, data = parse_workload(wl)
+    eager, comp = ratio(r, wl, seq, "torch"), ratio(r, wl, seq, "torch_compile")
+    mfu = r.get("mfu")
+    name = f"{shape.upper()} {METHOD_NAMES[method]}{'' if data == 'synthetic' else ' ' + data}"
+    if shape == "1b" and method == "full" and data == "synthetic":
+      verdict(f"{name} seq {seq}", [(eager, 1.5, "x eager"), (comp, 1.2, "x compiled"),
+                                    (mfu, 0.55, "MFU")])
+    if shape == "1b" and method == "lora" and data == "synthetic":
+      verdict(f"{name} seq {seq}", [(eager, 2.0, "x eager"), (comp, 1.5, "x compiled")])
+    if data == "chat" and method == "full":
+      unpacked = ok.get((f"{shape}_{method}_seg", seq, "jaxtune"))
+      vs = r["tokens_per_s"] / unpacked["tokens_per_s"] if unpacked else None
+      verdict(f"{name} seq {seq}", [(eager, 1.4, "x eager"), (mfu, 0.55, "MFU"),
+                                    (vs, 0.95, "x unpacked (seg)")])
     if method == "qlora":
       own = ok.get((f"{shape}_lora", seq, "jaxtune"))
-      bpp = r.get("base_bytes_per_param", {})
-      if own:
-        q = r["tokens_per_s"] / own["tokens_per_s"]
-        out.append(f"{shape.upper()} QLoRA seq {seq}: {q:.2f}x own LoRA (goal >= 0.85x): "
-                   f"{'MET' if q >= 0.85 else 'not met'}")
-      if bpp:
-        out.append(f"{shape.upper()} QLoRA base bytes/param: projections "
-                   f"{bpp['projections']:.4f}, "
-                   f"whole base incl. bf16 embeddings {bpp['whole_base']:.3f} (goal <= 0.55)")
-    if shape == "8b" and seq >= 4096:
+      verdict(f"{name} seq {seq}",
+              [(r["tokens_per_s"] / own["tokens_per_s"] if own else None, 0.95, "x own LoRA")])
+    if shape == "8b" and seq >= 4096 and r.get("peak_bytes"):
       pr = anyr.get((wl, seq, "torch"), {})
-      mem = r.get("peak_bytes")
-      if pr.get("status") == "ok" and mem and pr.get("peak_bytes"):
-        met = mem <= pr["peak_bytes"]
-        out.append(f"8B {METHOD_NAMES[method]} seq {seq}: fits, peak {mem / 2**30:.1f} GiB vs "
-                   f"peer {pr['peak_bytes'] / 2**30:.1f} GiB: {'MET' if met else 'not met'}")
-      else:
-        out.append(f"8B {METHOD_NAMES[method]} seq {seq}: fits (peer: {pr.get('status')})")
+      peer = (f", peer {pr['peak_bytes'] / 2**30:.1f} GiB" if pr.get("peak_bytes")
+              else f", peer: {pr.get('status')}")
+      gib = r["peak_bytes"] / 2**30
+      out.append(f"{name} seq {seq}: peak {gib:.1f} GiB{peer}"
+                 + (f" (goal < 16 GiB): {'MET' if gib < 16 else 'not met'}"
+                    if method == "qlora" else ""))
   return out
 
 

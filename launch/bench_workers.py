@@ -16,6 +16,9 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from launch import bench_chat  # noqa: E402  (no heavy imports at module level)
 
 _LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -28,7 +31,7 @@ SHAPES = {
                num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False,
                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
                rope=dict(_LLAMA3_ROPE, factor=8.0)),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
                  rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=2048,
                  rope=dict(_LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=1024)),
@@ -129,10 +132,13 @@ def _jax_worker(spec: dict) -> dict:
                                    "whole_base": total / model_cfg.num_params()}
   run = setup.build(cfg, mesh, params, model_cfg, adapters=adapters, adapter_axes=adapter_axes)
   del params
-  batch = loop.device_batch(make_batch(spec, model_cfg.vocab_size), run.batch_sharding)
+  host = bench_chat.host_batches(spec, model_cfg.vocab_size)
+  fixed = spec.get("data", "synthetic") != "chat"  # synthetic rows: one batch, placed once
+  batch = loop.device_batch(next(host), run.batch_sharding)
   if jax.default_backend() == "gpu":
     text = run.train_step.lower(run.state, run.frozen, batch).as_text()
     out["cudnn_attention_calls"] = text.count("__cudnn$fmha")
+    out["pallas_attention_calls"] = text.count("triton_kernel_call")
   state, losses = run.state, []
   t0 = time.perf_counter()
   for i in range(spec["warmup"]):
@@ -142,12 +148,19 @@ def _jax_worker(spec: dict) -> dict:
       out["first_step_s"] = time.perf_counter() - t0
     losses.append(metrics["loss"])
   jax.block_until_ready((state, metrics))
+  tokens = 0
   t0 = time.perf_counter()
   for _ in range(spec["steps"]):
+    hb = None
+    if not fixed:  # the loop's path: next host batch from the pipeline, placed, stepped
+      hb = next(host)
+      batch = loop.device_batch(hb, run.batch_sharding)
+    tokens += bench_chat.real_tokens(hb) if hb is not None else spec["batch"] * spec["seq"]
     state, metrics = run.train_step(state, run.frozen, batch)
     losses.append(metrics["loss"])
   jax.block_until_ready((state, metrics))
   out["step_s"] = (time.perf_counter() - t0) / spec["steps"]
+  out["tokens_per_step"] = tokens / spec["steps"]
   out["losses"] = [float(x) for x in jax.device_get(losses)]
   if spec.get("profile_dir"):
     out["profile"] = _profile(spec, run, state, batch)
@@ -215,8 +228,11 @@ def _torch_worker(spec: dict) -> dict:
                                    if k not in ("torch_dtype", "dtype", "architectures")})
   hf.use_cache = False
   torch.manual_seed(0)
+  compiled = spec["framework"] == "torch_compile"
+  packed = spec.get("data", "synthetic") != "synthetic"
+  attn = "flex_attention" if compiled and packed else "sdpa"
   with torch.device(dev):
-    model = transformers.LlamaForCausalLM._from_config(hf, attn_implementation="sdpa",
+    model = transformers.LlamaForCausalLM._from_config(hf, attn_implementation=attn,
                                                        dtype=dtype)
   if method == "qlora":
     for layer in model.model.layers:
@@ -242,14 +258,20 @@ def _torch_worker(spec: dict) -> dict:
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           fused=dev == "cuda")
-  batch = make_batch(spec, model_cfg.vocab_size)
-  tokens = torch.as_tensor(batch["tokens"], dtype=torch.long, device=dev)
+  host = bench_chat.host_batches(spec, model_cfg.vocab_size)
+  inputs = bench_chat.torch_inputs(next(host), dev, attn)
   model.train()
+  if compiled:  # default mode, the whole model as one graph where it can
+    model = torch.compile(model)
   sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 
   def step():
     with torch.autocast(device_type=dev, dtype=torch.bfloat16):
-      loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+      if packed:
+        loss = bench_chat.torch_loss(model, inputs)
+      else:
+        ids = inputs["input_ids"]
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=dev == "cuda")
     opt.step()
@@ -259,7 +281,7 @@ def _torch_worker(spec: dict) -> dict:
   if dev == "cuda":
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-  out, losses = {"config_extra": f"ckpt={'on' if ckpt else 'off'}"}, []
+  out, losses = {"config_extra": f"ckpt={'on' if ckpt else 'off'} attn={attn}"}, []
   t0 = time.perf_counter()
   for i in range(spec["warmup"]):
     losses.append(step())
@@ -267,11 +289,18 @@ def _torch_worker(spec: dict) -> dict:
       sync()
       out["first_step_s"] = time.perf_counter() - t0
   sync()
+  fresh = spec.get("data", "synthetic") == "chat"  # a new pipeline batch per step
+  tokens = 0
   t0 = time.perf_counter()
   for _ in range(spec["steps"]):
+    if fresh:
+      hb = next(host)
+      inputs = bench_chat.torch_inputs(hb, dev, attn)
+    tokens += bench_chat.real_tokens(hb) if fresh else spec["batch"] * spec["seq"]
     losses.append(step())
   sync()
   out["step_s"] = (time.perf_counter() - t0) / spec["steps"]
+  out["tokens_per_step"] = tokens / spec["steps"]
   out["losses"] = [float(x) for x in losses]
   out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
   out["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
@@ -289,7 +318,7 @@ def run_worker(spec: dict) -> dict:
   """Runs one (workload, framework) in this process; never raises."""
   t0 = time.perf_counter()
   try:
-    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker
+    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker  # torch[_compile]
     res = {"status": "ok", **fn(spec)}
   except Exception as e:  # noqa: BLE001 (a row of the table says what failed)
     res = {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {e}"[:600]}

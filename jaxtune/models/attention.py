@@ -273,6 +273,40 @@ def _pallas_attention(q, k, v, segment_ids=None, *, scale, interpret: bool):
   return pallas_attention.mha(q, k, v, seg, sm_scale=scale, causal=True, interpret=interpret)
 
 
+def segment_runs(segment_ids: jax.Array, max_runs: int):
+  """Per row, the runs of equal ids (a padding run included) in cuDNN's packed layout:
+  offsets [B, M+1] and lengths [B, M] (-1 past a row's runs), and the run count [B].
+
+      [[1, 1, 2, 0]] , M = 3  ->  offsets [[0, 2, 3, -1]], lengths [[2, 1, 1]], count [3]
+  Runs past M are dropped (the caller checks count <= M)."""
+  b, t = segment_ids.shape
+  new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                        axis=1)
+  run = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1  # [B, T] run index of each token
+  count = run[:, -1] + 1
+  lengths = jax.vmap(lambda r: jax.ops.segment_sum(jnp.ones_like(r), r, max_runs))(run)
+  offsets = jnp.cumsum(lengths, axis=1) - lengths
+  valid = jnp.arange(max_runs)[None, :] < count[:, None]
+  lengths = jnp.where(valid, lengths, -1).astype(jnp.int32)
+  offsets = jnp.concatenate([jnp.where(valid, offsets, -1), jnp.full((b, 1), -1)], axis=1)
+  return offsets.astype(jnp.int32), lengths, count
+
+
+def cudnn_packed_attention(q, k, v, segment_ids, *, scale: float, max_runs: int = 16):
+  """cuDNN's fused attention over packed rows (its THD "max_seg_per_batch" layout): each
+  run of equal segment ids is its own causal sequence. GPU only; reaches into
+  `jax._src.cudnn.fused_attention_stablehlo` (jax's public `dot_product_attention` takes
+  per-row lengths but no offsets), so it is a measured candidate (launch/bench_attention.py),
+  not what 'auto' picks: see docs/BENCHMARKS.md. Rows with more than `max_runs` runs are not
+  supported (their later runs would be dropped) and raise nothing: callers check
+  `segment_runs(...)[2]`."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa  # private: a candidate only
+  offsets, lengths, _ = segment_runs(segment_ids, max_runs)
+  return fa.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
+                                  q_offsets=offsets, kv_offsets=offsets, scale=scale,
+                                  mask_type=fa.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+
+
 def _splash_attention(q, k, v, segment_ids, *, scale, softcap, sliding_window, interpret):
   """JAX's TPU splash kernel: causal (or a causal window), segment ids, soft-cap, GQA as MQA
   per kv head (no k/v repeat). q [B, T, H, Dh], k/v [B, T, K, Dh] -> [B, T, H, Dh]."""
