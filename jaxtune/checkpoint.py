@@ -11,19 +11,46 @@ Rotation is ours, not orbax's `max_to_keep`: the latest `keep` complete steps ar
 plus the steps passed to `protect` (the best checkpoint of early stopping / keep_best,
 which must survive any number of later saves). Old steps are pruned once the newer ones
 are complete (at the next save, `wait` and `close`), never before.
+
+A workdir on a bucket (`s3://b/run`, `gs://...`, any fsspec URL) is staged: `stage(url)`
+returns a local directory that mirrors the bucket's committed checkpoints and run files,
+orbax writes there as it does locally, and each save, once complete, is committed to the
+bucket: every file of `checkpoints/STEP/` is uploaded first, then the marker object
+`checkpoints/STEP/commit_success.txt` (orbax's own marker name for object stores) last.
+Object stores have no atomic directory rename, but a single PUT is atomic, so a step
+without its marker (a run killed mid-upload) is never a resume point: `stage` deletes it.
+Pruning deletes the marker first. The bucket is the truth: staging drops local steps the
+bucket does not hold and downloads the committed steps it lacks, so a run killed on one
+machine resumes on another. orbax's own s3 path was not usable here (orbax 0.12 builds a
+local-file tensorstore spec for s3:// URLs, and tensorstore's s3 driver did not complete
+a write against an S3-compatible server on localhost), hence the staging, which serves
+every fsspec store the same way. Saves to a bucket are synchronous (the upload follows
+orbax's write), and one process only.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 
 import orbax.checkpoint as ocp
+
+from jaxtune import storage
+
+COMMIT = "commit_success.txt"  # the marker object that makes a step on a bucket complete
+_REMOTE = ".jaxtune-remote"  # in a staging dir: the bucket URL it mirrors
+_RUN_FILES = ("metrics.jsonl", "config.json")  # run files committed with each checkpoint
 
 
 class Checkpointer:
   """A keep-N, optionally async, orbax CheckpointManager over DIR/checkpoints."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True):
+    if storage.is_remote(workdir):
+      workdir = stage(workdir)
+    self.remote = remote_of(workdir)  # the bucket URL a staged workdir commits to, or ""
+    async_save = async_save and not self.remote
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.keep = keep
     self._protected: set[int] = set()
@@ -43,6 +70,8 @@ class Checkpointer:
     steps = sorted(self._mngr.all_steps())
     for step in steps[:max(len(steps) - self.keep, 0)]:
       if step not in self._protected:
+        if self.remote:  # the marker first: a half-deleted step is never complete
+          _delete_remote_step(self.remote, step)
         self._mngr.delete(step)
 
   def latest_step(self) -> int | None:
@@ -58,6 +87,9 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
+    if self.remote:
+      self._mngr.wait_until_finished()
+      _commit(os.path.dirname(self.directory), self.remote, step)
 
   def restore(self, step: int, abstract_state: dict):
     """(state tree, data_state, meta) at `step`, placed per the ShapeDtypeStruct shardings
@@ -83,14 +115,19 @@ class Checkpointer:
 
 def is_run(path: str) -> bool:
   """True for a run's workdir (or a `launch/convert.py --from_hf` output) with checkpoints."""
+  if storage.is_remote(path):
+    return storage.isdir(storage.join(path, "checkpoints"))
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
 def read(path: str, step: int | None = None):
   """(trainable tree, meta) of a run's checkpoint, without the optimizer's structure.
 
-  `path` is a run's workdir, its `checkpoints` dir, or a `launch/convert.py --from_hf` output.
+  `path` is a run's workdir, its `checkpoints` dir, or a `launch/convert.py --from_hf` output
+  (local, or on a bucket: the step read is fetched into a local cache first).
   """
+  if storage.is_remote(path):
+    path, step = _fetched(path, step)
   path = os.path.abspath(path)
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -107,6 +144,8 @@ def read(path: str, step: int | None = None):
 def locate(path: str) -> tuple[str, int | None] | None:
   """(directory for `read`, step or None) when `path` is a run's workdir, its `checkpoints`
   dir or one step dir under it (runs/x/checkpoints/12); None for anything else."""
+  if storage.is_remote(path):
+    return _locate_remote(path)
   path = os.path.abspath(path)
   if is_run(path):
     return path, None
@@ -125,6 +164,8 @@ def read_meta(path: str, step: int | None = None) -> dict:
   if where is None:
     raise ValueError(f"{path}: not a run's workdir or checkpoint directory")
   directory, at = where
+  if storage.is_remote(directory):
+    directory, at = _fetched(directory, step if step is not None else at)
   if os.path.isdir(os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   mngr = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
@@ -134,3 +175,150 @@ def read_meta(path: str, step: int | None = None) -> dict:
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   mngr.close()
   return meta
+
+
+# ---- workdirs on a bucket (see the module docstring) ----
+
+
+def local_workdir(path: str) -> str:
+  """`path` itself, or for a bucket URL its staging directory (see `stage`)."""
+  return stage(path) if storage.is_remote(path) else path
+
+
+def remote_of(staged: str) -> str:
+  """The bucket URL a staged workdir mirrors, or "" for a plain local workdir."""
+  marker = os.path.join(staged, _REMOTE)
+  return storage.read_text(marker).strip() if os.path.exists(marker) else ""
+
+
+def _remote_steps(url: str) -> dict[int, str]:
+  """{step: its marker's text} of the committed steps of the workdir `url`."""
+  ckdir = storage.join(url, "checkpoints")
+  if not storage.exists(ckdir):
+    return {}
+  committed = {}
+  for name in storage.listing(ckdir):
+    head, _, tail = name.partition("/")
+    if tail == COMMIT and head.isdigit():
+      committed[int(head)] = storage.read_text(storage.join(ckdir, name)).strip()
+  return committed
+
+
+def _local_steps(ckdir: str) -> dict[int, str]:
+  if not os.path.isdir(ckdir):
+    return {}
+  out = {}
+  for name in os.listdir(ckdir):
+    marker = os.path.join(ckdir, name, COMMIT)
+    if name.isdigit() and os.path.exists(marker):
+      out[int(name)] = storage.read_text(marker).strip()
+  return out
+
+
+def stage(url: str, *, steps=None, kind: str = "runs") -> str:
+  """The local staging directory of the workdir `url`, made to mirror the bucket: its
+  committed checkpoint steps (all, or only `steps`) and run files; local steps the bucket
+  does not hold as committed are removed, uncommitted leftovers on the bucket deleted."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    raise ValueError(f"--workdir={url}: a workdir on a bucket is staged by one process; "
+                     f"with {jax.process_count()} processes use a shared filesystem path "
+                     "(e.g. a gcsfuse / s3 mount)")
+  local = storage.cache_dir(url, kind)
+  ckdir = os.path.join(local, "checkpoints")
+  os.makedirs(ckdir, exist_ok=True)
+  remote = _remote_steps(url)
+  held = _local_steps(ckdir)
+  for name in os.listdir(ckdir):  # torn, stale or not committed: the bucket is the truth
+    if not (name.isdigit() and remote.get(int(name)) == held.get(int(name)) is not None):
+      shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
+  _drop_uncommitted(url, set(remote))
+  wanted = set(remote) if steps is None else set(remote) & {int(s) for s in steps}
+  for step in sorted(wanted - {s for s, t in held.items() if remote.get(s) == t}):
+    storage.download(storage.join(url, "checkpoints", str(step)), os.path.join(ckdir, str(step)))
+  objects = storage.listing(url) if storage.exists(url) else {}
+  for name in _RUN_FILES:
+    path = os.path.join(local, name)
+    if name in objects:
+      storage.download(url, local, [name])
+    elif os.path.exists(path):
+      os.remove(path)
+  storage.write_text(os.path.join(local, _REMOTE), url)
+  return local
+
+
+def _drop_uncommitted(url: str, committed: set[int]) -> None:
+  ckdir = storage.join(url, "checkpoints")
+  if not storage.exists(ckdir):
+    return
+  names = storage.listing(ckdir)
+  torn = sorted({n.split("/", 1)[0] for n in names} - {str(s) for s in committed})
+  for head in torn:
+    storage.remove(storage.join(ckdir, head))
+
+
+def _commit(staged: str, url: str, step: int) -> None:
+  """Uploads checkpoints/STEP (files first, marker last) and the run files."""
+  src = os.path.join(staged, "checkpoints", str(step))
+  dst = storage.join(url, "checkpoints", str(step))
+  storage.upload(src, dst, exclude=(COMMIT,))
+  for name in _RUN_FILES:
+    if os.path.exists(os.path.join(staged, name)):
+      storage.upload(os.path.join(staged, name), storage.join(url, name))
+  token = uuid.uuid4().hex
+  storage.write_text(os.path.join(src, COMMIT), token)
+  storage.write_text(storage.join(dst, COMMIT), token)
+
+
+def _delete_remote_step(url: str, step: int) -> None:
+  dst = storage.join(url, "checkpoints", str(step))
+  if storage.exists(storage.join(dst, COMMIT)):
+    storage.remove(dst, [COMMIT])
+  storage.remove(dst)
+
+
+def publish(staged: str, path: str | None) -> str | None:
+  """After a run: uploads a staged workdir's files (HF export, metrics, reports; the
+  checkpoints are already committed) to its bucket. Returns `path` (a file or directory
+  inside the staging dir) as its bucket URL; unchanged for a local workdir."""
+  url = remote_of(staged)
+  if not url:
+    return path
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    storage.upload(staged, url, exclude=("checkpoints", _REMOTE))
+  if not path:
+    return path
+  rel = os.path.relpath(path, staged)
+  return url if rel == "." else storage.join(url, *rel.split(os.sep))
+
+
+def _locate_remote(url: str) -> tuple[str, int | None] | None:
+  url = url.rstrip("/")
+  if is_run(url):
+    return url, None
+  parent, name = url.rsplit("/", 1)
+  if name == "checkpoints" and storage.isdir(url):
+    return parent, None
+  grand, ck = parent.rsplit("/", 1)
+  if ck == "checkpoints" and name.isdigit() and storage.exists(storage.join(url, COMMIT)):
+    return grand, int(name)
+  return None
+
+
+def _fetched(url: str, step: int | None) -> tuple[str, int]:
+  """(local workdir, step) with `step` (default: the latest committed) of the run at `url`
+  (workdir, checkpoints dir or step dir) fetched into a local read cache."""
+  where = _locate_remote(url)
+  if where is None:
+    raise ValueError(f"{url}: not a run's workdir or checkpoint directory")
+  workdir, at = where
+  step = step if step is not None else at
+  committed = _remote_steps(workdir)
+  if not committed:
+    raise ValueError(f"{workdir}: no complete checkpoint (no step with {COMMIT})")
+  step = max(committed) if step is None else step
+  if step not in committed:
+    raise ValueError(f"{workdir}: step {step} is not a complete checkpoint (complete: "
+                     f"{sorted(committed)})")
+  return stage(workdir, steps=[step], kind="reads"), step

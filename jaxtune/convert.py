@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import types
 
 import jax
@@ -24,6 +25,7 @@ from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import methods
 from jaxtune import peft
+from jaxtune import storage
 from jaxtune import weights
 from jaxtune.hf import gguf as hf_gguf
 from jaxtune.hf import gguf_export
@@ -31,7 +33,9 @@ from jaxtune.hf import io as hf_io
 
 
 def hf_to_checkpoint(src: str, out: str) -> str:
-  """Imports an HF model (dir, hub id or .gguf) into a jaxtune checkpoint directory `out`."""
+  """Imports an HF model (dir, hub id, bucket URL or .gguf) into a jaxtune checkpoint
+  directory `out` (local, or a bucket URL: staged, then committed and uploaded)."""
+  url, out = (out, checkpoint_lib.local_workdir(out)) if storage.is_remote(out) else ("", out)
   model_dir = hf_io.resolve(src)
   if hf_gguf.is_gguf(model_dir):  # quantized GGUF tensors are dequantized to float32
     src_dtype = hf_gguf.source_dtype(model_dir)
@@ -47,8 +51,9 @@ def hf_to_checkpoint(src: str, out: str) -> str:
   if hf_gguf.is_gguf(model_dir) or any(f.startswith("tokenizer") for f in os.listdir(model_dir)):
     tok = data_lib.load_tokenizer(model_dir)
     hf_io.save_tokenizer(tok, os.path.join(out, "tokenizer"))
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, tokenizer=os.path.abspath(os.path.join(out, "tokenizer"))))
+    tok_dir = storage.join(url, "tokenizer") if url else os.path.abspath(
+        os.path.join(out, "tokenizer"))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_dir))
   state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": {},
            "rng": jax.random.PRNGKey(0)}
   meta = {"config": config_lib.to_dict(cfg), "model_config": config_lib.to_dict(model_cfg),
@@ -56,12 +61,22 @@ def hf_to_checkpoint(src: str, out: str) -> str:
   ckpt = checkpoint_lib.Checkpointer(out, keep=1, async_save=False)
   ckpt.save(0, state, {}, meta)
   ckpt.close()
-  return os.path.abspath(out)
+  return checkpoint_lib.publish(out, out) if url else os.path.abspath(out)
 
 
 def checkpoint_to_hf(path: str, out: str, *, step: int | None = None, merge_lora: bool = False,
                      peft_adapter: bool = False, dtype: str | None = None) -> str:
-  """Exports a jaxtune checkpoint as an HF model, a PEFT adapter, or both."""
+  """Exports a jaxtune checkpoint as an HF model, a PEFT adapter, or both (`path` and
+  `out` local or bucket URLs; a bucket `out` is written locally, then uploaded)."""
+  if storage.is_remote(out):
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, "out")
+      checkpoint_to_hf(path, local, step=step, merge_lora=merge_lora,
+                       peft_adapter=peft_adapter, dtype=dtype)
+      for suffix in ("", "_adapter"):
+        if os.path.isdir(local + suffix):
+          storage.upload(local + suffix, out.rstrip("/") + suffix)
+    return out
   trainable, meta = checkpoint_lib.read(path, step)
   cfg = config_lib.from_dict(config_lib.TrainConfig, meta["config"])
   is_peft = cfg.peft.method != "none"

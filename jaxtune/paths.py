@@ -12,6 +12,8 @@ setting is resolved once, at the start of a run (`config.resolve_paths(cfg)`, ca
                                            hub ids are NAME or NAMESPACE/NAME)
     data.train_files=a.jsonl,hf:x/y     -> /home/me/a.jsonl,hf:x/y
     data.chat_template=t.jinja          -> /home/me/t.jinja            (template text kept)
+    model.hf_path=s3://bucket/base      -> s3://bucket/base            (a bucket URL, kept:
+                                           s3://, gs://, any fsspec URL; see storage.py)
 
 Resolving twice changes nothing. Keys a config does not have (a method section that is
 not there) are skipped.
@@ -23,6 +25,7 @@ import os
 import re
 
 from jaxtune import config_tree
+from jaxtune import storage
 
 # A local directory or file, or a hub id.
 MODEL_KEYS = ("model.hf_path", "data.tokenizer", "distill.teacher_path", "grpo.reward_model",
@@ -47,7 +50,7 @@ def is_hub_id(text: str) -> bool:
 
 def model_source(value: str, key: str) -> str:
   """An existing local path as an absolute path, a hub id as itself, else ConfigError."""
-  if not value:
+  if not value or storage.is_remote(value):  # a bucket URL: checked where it is read
     return value
   local = os.path.expanduser(value)
   if os.path.exists(local):
@@ -67,7 +70,7 @@ def _no_such(key: str, value: str, expected: str) -> config_tree.ConfigError:
 def data_spec(value: str) -> str:
   """Each local entry of a comma-separated data spec made absolute (hf:NAME kept)."""
   entries = [e.strip() for e in value.split(",")]
-  return ",".join(e if (not e or e.startswith("hf:")) else
+  return ",".join(e if (not e or e.startswith("hf:") or storage.is_remote(e)) else
                   os.path.abspath(os.path.expanduser(e)) for e in entries if e)
 
 
@@ -83,7 +86,7 @@ def function_specs(value: str) -> str:
 
 
 def template(value: str, key: str) -> str:
-  if not value or "{%" in value or "{{" in value:
+  if not value or "{%" in value or "{{" in value or storage.is_remote(value):
     return value
   local = os.path.expanduser(value)
   if not os.path.isfile(local):
@@ -98,7 +101,8 @@ def resolve(cfg):
       cfg = config_tree.replace_path(cfg, key, model_source(config_tree.get_path(cfg, key), key))
   for key in FILE_KEYS:
     if config_tree.has_path(cfg, key) and config_tree.get_path(cfg, key):
-      value = os.path.abspath(os.path.expanduser(config_tree.get_path(cfg, key)))
+      value = config_tree.get_path(cfg, key)
+      value = value if storage.is_remote(value) else os.path.abspath(os.path.expanduser(value))
       cfg = config_tree.replace_path(cfg, key, value)
   for key in FUNCTION_KEYS:
     if config_tree.has_path(cfg, key):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+from jaxtune import storage
 from jaxtune.data import errors
 from jaxtune.hf import gguf as hf_gguf
 from jaxtune.hf import gguf_tokenizer
@@ -49,6 +50,8 @@ def read_template(chat_template: str) -> str:
   """Template text from a path, or `chat_template` itself if it is template text."""
   if "{%" in chat_template or "{{" in chat_template:
     return chat_template
+  if storage.is_remote(chat_template):  # a bucket URL
+    return storage.read_text(chat_template)
   if not os.path.isfile(chat_template):
     raise errors.DataError(f"data.chat_template: no such file {chat_template!r}; expected a "
                            "path to a jinja chat template")
@@ -67,6 +70,8 @@ def load(path_or_id: str = "", *, chat_template: str = "", setting: str = "data.
   from jaxtune import paths  # pylint: disable=g-import-not-at-top
 
   target = path_or_id or bundled_dir()
+  if storage.is_remote(target):  # a bucket URL: its tokenizer files, copied locally
+    target = storage.model_dir(target)
   if not os.path.exists(target) and not paths.is_hub_id(target):
     raise errors.DataError(f"{setting}: no such directory {target!r} (looked for "
                            f"{os.path.abspath(target)}); expected a model directory, a run's "
@@ -99,7 +104,8 @@ def source(spec: str, chat_template: str = "") -> tuple[str, str]:
   from jaxtune import checkpoint  # pylint: disable=g-import-not-at-top
 
   for _ in range(8):  # a run started from a run started from ...
-    if not spec or not os.path.isdir(spec) or checkpoint.locate(spec) is None:
+    if (not spec or not (os.path.isdir(spec) or storage.is_remote(spec))
+        or checkpoint.locate(spec) is None):
       break
     run = checkpoint.read_meta(spec).get("config", {})
     data, model = run.get("data", {}), run.get("model", {})

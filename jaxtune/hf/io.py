@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
@@ -24,6 +25,7 @@ import safetensors
 import safetensors.numpy
 
 from jaxtune import config as config_lib
+from jaxtune import storage
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
 from jaxtune.hf import gguf as hf_gguf
@@ -35,7 +37,10 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": n
 
 
 def resolve(path_or_id: str) -> str:
-  """A local directory (or .gguf file) for `path_or_id`: itself if local, else a hub snapshot."""
+  """A local directory (or .gguf file) for `path_or_id`: itself if local, a local copy of
+  a bucket URL (s3://, gs://: `storage.model_dir`), else a hub snapshot."""
+  if storage.is_remote(path_or_id):
+    return storage.model_dir(path_or_id)
   if os.path.isdir(path_or_id) or hf_gguf.is_gguf(path_or_id):
     return path_or_id
   if os.path.exists(path_or_id):
@@ -164,8 +169,16 @@ def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=N
 
   dtype: 'float32' | 'bfloat16' | 'float16' (default: cfg.param_dtype). Quantised leaves
   must be dequantised (or merged) before export. Only process 0 writes; all processes
-  must call it (gathering sharded params is collective).
+  must call it (gathering sharded params is collective). `out_dir` may be a bucket URL
+  (written locally, then uploaded).
   """
+  if storage.is_remote(out_dir):
+    with tempfile.TemporaryDirectory() as tmp:
+      save_hf(cfg, params, tmp, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
+              metadata=metadata)
+      if jax.process_index() == 0:
+        storage.upload(tmp, out_dir)
+    return out_dir
   dtype = dtype or cfg.param_dtype
   flat = {}
   for path, x in tree.flatten(params).items():

@@ -301,7 +301,9 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
   allow_changed: config keys or sections whose change since the checkpoint is accepted
   (recorded in the checkpoint meta); other meaning-changing changes raise
   resume.ResumeError (a ConfigError) naming each key with old -> new.
+  A workdir on a bucket (s3://, gs://) runs in a local staging copy (checkpoint.stage).
   """
+  workdir = checkpoint_lib.local_workdir(workdir)
   ckpt, guard, identity = _guard(cfg, workdir, allow_changed)
   job = setup.prepare(cfg)  # checks first, then mesh, tokenizer, data, weights, steps
   cfg = job.cfg  # with resolved paths
@@ -348,6 +350,7 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
   if jax.process_index() == 0:
     bar.write(_final_line(status, step, summary, meter, ckpt))
   ckpt.close()
+  summary["export"] = checkpoint_lib.publish(workdir, summary["export"])  # bucket workdirs
   return summary
 
 
