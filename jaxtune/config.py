@@ -193,9 +193,10 @@ class CheckpointConfig:
   keep: int = 3  # checkpoints kept (the latest ones)
   async_save: bool = True  # save in the background while training continues
   export_hf: bool = True  # write WORKDIR/hf at the end of training
-  # Keep the checkpoint with the best val_loss outside the keep-N rotation and export it
-  # at the end (always on with train.early_stopping_patience > 0).
-  keep_best: bool = False
+  # A metric (val_loss, retention_ppl, kl_to_base, val_rougeL, val_bleu, ...): keep the
+  # checkpoint with its best value outside the keep-N rotation and export it at the end;
+  # "" = off (train.early_stopping_patience > 0 implies val_loss). See train/evaluate.py.
+  keep_best: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,6 +209,35 @@ class LoopConfig:
   max_skipped: int = 10  # consecutive steps with a non-finite loss/grad norm before stopping
   seed: int = 0  # init, adapter and dropout randomness
   progress: bool = True  # show the progress bar
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation during and after training, beyond val_loss (see jaxtune/train/evaluate.py)."""
+  # General text the model should not forget (files like data.train_files, text records):
+  # retention_ppl and kl_to_base logged at step 0 and at every eval.
+  retention_files: str = ""
+  retention_examples: int = 64  # retention records used (the first N; 0 = all)
+  # auto: PEFT runs log kl_to_base (the base is the adapters-off model, no copy), full
+  # fine-tuning does not | on: full fine-tuning too (loads a second copy of the initial
+  # weights) | off
+  kl_to_base: str = "auto"
+  # Warn when retention_ppl exceeds its step-0 value by more than this fraction (0.1 = 10%).
+  forgetting_tolerance: float = 0.1
+  # Warn when val_loss has risen for this many consecutive evals while the mean training
+  # loss between them fell (overfitting); 0 = off.
+  overfit_evals: int = 3
+  # Steps between generation metrics (val_bleu, val_chrf, val_rouge1/2/L/Lsum,
+  # val_exact_match) on held-out prompts; 0 = never.
+  generate_every: int = 0
+  generate_examples: int = 16  # held-out records used for generation metrics
+  max_new_tokens: int = 64  # generation length limit (greedy decoding)
+  # At the end: the exported model on the held-out records (perplexity, generation metrics
+  # with 95% intervals) in report.md, final_eval.json and the model card, and a one-line
+  # summary (on in the built-in default job). report.md, plots/loss.png and the card are
+  # written either way.
+  final: bool = False
+  final_examples: int = 64  # held-out records of the final evaluation (0 = all)
 
 
 # One section per training method (`--set=dpo.beta=0.2`). The allowed values of each
@@ -291,10 +321,17 @@ class TrainConfig:
   data: DataConfig = DataConfig()
   train: LoopConfig = LoopConfig()
   checkpoint: CheckpointConfig = CheckpointConfig()
+  eval: EvalConfig = EvalConfig()
   dpo: DpoConfig = DpoConfig()
   reward: RewardConfig = RewardConfig()
   distill: DistillConfig = DistillConfig()
   grpo: GrpoConfig = GrpoConfig()
+
+
+def default_job() -> TrainConfig:
+  """The built-in default job (launch/train.py without --config): the defaults, with the
+  end-of-run evaluation on, so the run ends with its one-line evaluation summary."""
+  return TrainConfig(eval=EvalConfig(final=True))
 
 
 def override(cfg, assignments: list[str] | tuple[str, ...]):
@@ -341,8 +378,12 @@ _LEGACY_METHOD_CFG = {
 
 
 def _migrate(d: dict) -> dict:
-  """A TrainConfig dict with a legacy `method_cfg` bag split into the method sections."""
+  """A TrainConfig dict with a legacy `method_cfg` bag split into the method sections and
+  a boolean checkpoint.keep_best (before metrics could be named) as "val_loss" / ""."""
   d = dict(d)
+  ckpt = d.get("checkpoint")
+  if isinstance(ckpt, dict) and isinstance(ckpt.get("keep_best"), bool):  # was a bool
+    d["checkpoint"] = {**ckpt, "keep_best": "val_loss" if ckpt["keep_best"] else ""}
   for key, value in (d.pop("method_cfg", None) or {}).items():
     section, name = _LEGACY_METHOD_CFG[key]
     d[section] = {**d.get(section, {}), name: value}

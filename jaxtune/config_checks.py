@@ -30,6 +30,7 @@ _CHOICES = {
     "data.truncation": ("auto", "split", "error", "truncate_right", "truncate_left", "drop"),
     "data.chat_render": ("auto", "full", "turns"),
     "data.on_bad_record": ("error", "skip"),
+    "eval.kl_to_base": ("auto", "on", "off"),
 }
 
 
@@ -51,6 +52,13 @@ _RANGES = {
     "train.eval_every": (lambda x: x >= 0, ">= 0 (0 disables evaluation)"),
     "train.eval_batches": (lambda x: x >= 0, ">= 0 (0 = every eval batch)"),
     "train.early_stopping_patience": (lambda x: x >= 0, ">= 0 (0 disables it)"),
+    "eval.retention_examples": (lambda x: x >= 0, ">= 0 (0 = every retention record)"),
+    "eval.forgetting_tolerance": (lambda x: x >= 0, ">= 0 (a fraction of the step-0 value)"),
+    "eval.overfit_evals": (lambda x: x >= 0, ">= 0 (0 disables the warning)"),
+    "eval.generate_every": (lambda x: x >= 0, ">= 0 (0 = never)"),
+    "eval.generate_examples": (lambda x: x >= 1, ">= 1"),
+    "eval.max_new_tokens": (lambda x: x >= 1, ">= 1"),
+    "eval.final_examples": (lambda x: x >= 0, ">= 0 (0 = every held-out record)"),
     "mesh.data": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
     "mesh.fsdp": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
     "mesh.tensor": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),

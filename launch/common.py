@@ -4,8 +4,9 @@ and how every launcher reports an error (one line) or its help (exit status 0).
 `--config=configs/NAME.py[:ARG]` imports the file and calls `get_config(ARG)`; a recipe
 shipped with jaxtune can be named without its directory (`--config=sft_chat:MODEL`, what
 an installed `jaxtune train` uses); no --config means the built-in default job
-(`TrainConfig()`). `--set=key=value` (repeatable) overrides any field with type checking;
-local paths are then made absolute (`config.resolve_paths`). Several hosts:
+(`config.default_job()`: the defaults, with the end-of-run evaluation on).
+`--set=key=value` (repeatable) overrides any field with type checking; local paths are
+then made absolute (`config.resolve_paths`). Several hosts:
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or `--distributed=auto`
 to let JAX detect the cluster (Cloud TPU, SLURM) when present.
 
@@ -138,7 +139,7 @@ def load_config():
       raise config_lib.ConfigError(f"--config={FLAGS.config}: get_config({arg or None!r}) "
                                    f"failed: {one_line(e)}") from e
   else:
-    cfg = config_lib.TrainConfig()
+    cfg = config_lib.default_job()
   cfg = config_lib.override(cfg, FLAGS.set)
   from jaxtune import methods  # pylint: disable=g-import-not-at-top
   methods.check(cfg)  # a bad option is refused first, in seconds

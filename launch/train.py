@@ -71,6 +71,8 @@ def main(argv):
                  f"checkpoint (if any), run: {again}")
     sys.exit(EXIT_STATUS["interrupted"])
   common.print_once(f"summary: {summary}")
+  if summary.get("eval_summary"):  # the final evaluation's one line, last
+    common.print_once(summary["eval_summary"])
   if summary["status"] == "interrupted":
     _stderr_once(f"to resume, run: {again}")
   sys.exit(EXIT_STATUS[summary["status"]])

@@ -177,7 +177,8 @@ def test_best_checkpoint_survives_rotation_and_is_exported(mode, two_files, tmp_
     train["early_stopping_patience"] = 2
   cfg = tiny_cfg(two_files[0], **train)
   cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
-      cfg.checkpoint, every_steps=1, keep=1, export_hf=True, keep_best=mode == "keep_best"))
+      cfg.checkpoint, every_steps=1, keep=1, export_hf=True,
+      keep_best="val_loss" if mode == "keep_best" else ""))
   wd = str(tmp_path / mode)
   summary = loop.train(cfg, wd)
   assert summary["status"] == ("early_stopped" if mode == "early_stopping" else "completed")

@@ -60,7 +60,7 @@ def test_meaning_changes_are_refused_in_one_line_naming_each_key():
 @pytest.mark.parametrize("section,fields", [
     ("train", {"max_steps": 10, "eval_every": 3, "eval_batches": 1, "progress": False,
                "early_stopping_patience": 2, "max_skipped": 1}),
-    ("checkpoint", {"every_steps": 3, "keep": 9, "keep_best": True, "export_hf": False}),
+    ("checkpoint", {"every_steps": 3, "keep": 9, "keep_best": "val_loss", "export_hf": False}),
     ("mesh", {"fsdp": 2, "tensor": 4}),
     ("model", {"remat": "full", "attention": "xla", "logits_chunk": 64, "dtype": "bfloat16"}),
     ("dpo", {"beta": 0.5}),  # another method's section: unused by an sft run

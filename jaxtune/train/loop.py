@@ -21,8 +21,11 @@ run's. `summary["status"]` says how the run ended (launch/train.py maps it to th
                     or grad norm (each skipped inside the step, see step.py);
                     nothing is saved after them
 
-With early stopping or `checkpoint.keep_best`, the checkpoint of the best val_loss is kept
-outside the keep-N rotation (saved at the eval that found it) and is the one exported.
+With early stopping or `checkpoint.keep_best=METRIC`, the checkpoint of the best value of
+that metric (val_loss by default) is kept outside the keep-N rotation (saved at the eval that
+found it) and is the one exported. Retention, generation metrics, the forgetting and
+overfitting warnings and the end-of-run report.md / plots / model card are
+`train/evaluate.py`'s (eval.*).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import quant
+from jaxtune.train import evaluate as eval_lib
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train import resume
 from jaxtune.train import setup
@@ -83,22 +87,26 @@ class Progress:
   bad_evals: int = 0
   stopped_early: bool = False
   skipped: int = 0
+  evals: dict = dataclasses.field(default_factory=dict)  # evaluate.Tracker's state
+  metric: str = "val_loss"  # what `best` measures (checkpoint.keep_best)
 
   def to_meta(self) -> dict:
     return {"best": None if self.best == float("inf") else self.best,
             "best_step": self.best_step, "bad_evals": self.bad_evals,
-            "stopped_early": self.stopped_early, "skipped": self.skipped}
+            "stopped_early": self.stopped_early, "skipped": self.skipped,
+            "evals": self.evals, "metric": self.metric}
 
   @classmethod
   def from_meta(cls, d: dict) -> "Progress":
     best = d.get("best")
     return cls(best=float("inf") if best is None else best, best_step=d.get("best_step"),
                bad_evals=d.get("bad_evals", 0), stopped_early=d.get("stopped_early", False),
-               skipped=d.get("skipped", 0))
+               skipped=d.get("skipped", 0), evals=d.get("evals", {}),
+               metric=d.get("metric", "val_loss"))
 
 
 def keep_best(cfg: config_lib.TrainConfig) -> bool:
-  return cfg.checkpoint.keep_best or cfg.train.early_stopping_patience > 0
+  return bool(eval_lib.best_metric(cfg))
 
 
 def param_counts(run: setup.Run) -> tuple[int, int]:
@@ -139,26 +147,25 @@ def _resume(job: setup.Job, ckpt, guard) -> tuple[state_lib.TrainState, int, Pro
   return run.state, latest, Progress.from_meta(saved_meta.get("loop", {}))
 
 
-def _eval(job: setup.Job, state, step: int, meter, progress: Progress) -> bool:
-  """Evaluates, logs, updates early-stopping progress; True when val_loss improved."""
+def _eval(job: setup.Job, state, step: int, meter, progress: Progress, tracker) -> bool:
+  """Evaluates, logs, updates early-stopping progress; True when the best metric improved."""
   cfg = job.cfg
   meter.flush()
   vals = evaluate(job.run, state, job.method.eval_batches(job.ctx, job.run),
-                  cfg.train.eval_batches)
-  meter.last_val = metrics_lib.rename_sources(vals, job.data.eval_source_names)
+                  cfg.train.eval_batches) if job.data.eval else {}
+  vals = metrics_lib.rename_sources(vals, job.data.eval_source_names)
+  vals.update(tracker.at_eval(job, state, step, vals, meter.take_train_loss()))
+  meter.last_val = vals
   meter.writer.write(step, meter.last_val)
   meter.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4f}"
                                               for k, v in meter.last_val.items()))
-  improved = meter.last_val["val_loss"] < progress.best - 1e-6
-  if improved:
-    progress.best, progress.best_step, progress.bad_evals = meter.last_val["val_loss"], step, 0
-  else:
-    progress.bad_evals += 1
+  improved = eval_lib.update_best(cfg, progress, vals, step)
+  progress.evals = tracker.to_meta()
   patience = cfg.train.early_stopping_patience
   if patience and progress.bad_evals >= patience:
-    meter.bar.write(f"early stopping at step {step}: no val_loss improvement in "
-                    f"{progress.bad_evals} evals (best {progress.best:.4f} at step "
-                    f"{progress.best_step})")
+    meter.bar.write(f"early stopping at step {step}: no {progress.metric} improvement in "
+                    f"{progress.bad_evals} evals (best "
+                    f"{eval_lib.best_value(cfg, progress):.4f} at step {progress.best_step})")
     progress.stopped_early = True
   meter.pause()
   return improved
@@ -173,7 +180,7 @@ def _tokens(host_batch: dict) -> int:
 
 
 def _steps(job: setup.Job, ckpt, meter, state, start: int, progress: Progress,
-           meta: dict) -> tuple[state_lib.TrainState, int, str]:
+           meta: dict, tracker) -> tuple[state_lib.TrainState, int, str]:
   """Runs steps start+1 .. max_steps (or until a stop); returns (state, step, status)."""
   cfg, run = job.cfg, job.run
   batches = iter(job.method.batches(job.ctx, run))
@@ -198,8 +205,9 @@ def _steps(job: setup.Job, ckpt, meter, state, start: int, progress: Progress,
         break
       is_last = step == cfg.train.max_steps
       improved = False
-      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or is_last) and job.data.eval:
-        improved = _eval(job, state, step, meter, progress)
+      if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or is_last) and (
+          job.data.eval or tracker.active):
+        improved = _eval(job, state, step, meter, progress, tracker)
       # Every process must see the same stop decision before the collective save.
       stopping = stop.requested
       if jax.process_count() > 1:
@@ -236,6 +244,7 @@ def _export(job: setup.Job, ckpt, step: int, progress: Progress, meta: dict,
     job.run.state = state = None  # the last state is checkpointed: free it first
     tree, _, _ = resume.restore(ckpt, progress.best_step, target)
     state, exported = state_lib.TrainState.from_dict(tree), progress.best_step
+    job.run.state = state  # the exported state: the final evaluation runs on it
   out = job.export(state, os.path.join(workdir, "hf"), {**meta, "exported_step": exported})
   return out, exported
 
@@ -288,9 +297,10 @@ def _final_line(status: str, step: int, summary: dict, meter, ckpt) -> str:
   if "val_loss" in meter.last_val:
     line += f"; val_loss={meter.last_val['val_loss']:.4f}"
   if summary["export"]:
-    best = summary["exported_step"] == summary["best_step"] and summary["best_val_loss"]
+    best = (summary["exported_step"] == summary["best_step"]
+            and summary["best_value"] is not None)
     line += (f"; HF export of step {summary['exported_step']}"
-             + (f" (best val_loss={summary['best_val_loss']:.4f})" if best else "")
+             + (f" (best {summary['best_metric']}={summary['best_value']:.4f})" if best else "")
              + f" in {summary['export']}")
   return line
 
@@ -314,6 +324,10 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
   ckpt = ckpt or checkpoint_lib.Checkpointer(workdir, keep=cfg.checkpoint.keep,
                                              async_save=cfg.checkpoint.async_save)
   state, start, progress = _resume(job, ckpt, guard)
+  metric = eval_lib.best_metric(cfg) or "val_loss"
+  if progress.metric != metric:  # checkpoint.keep_best changed on resume: a new best
+    progress.best, progress.best_step, progress.bad_evals, progress.metric = (
+        float("inf"), None, 0, metric)
   ckpt.protect([progress.best_step] if keep_best(cfg) else [])
   ds = job.data
   meta = {"config": config_lib.to_dict(cfg), "model_config": config_lib.to_dict(job.run.model_cfg),
@@ -330,9 +344,12 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
                             skipped_total=progress.skipped, source_names=ds.source_names)
   total, trainable = param_counts(job.run)
   _start_line(cfg, job, bar, start, total, trainable)
+  tracker = eval_lib.Tracker(job, progress.evals)
+  tracker.start(job, state, start, writer)  # step 0: the base model's retention metrics
+  progress.evals = tracker.to_meta()
   step, status = start, "completed"
   try:
-    state, step, status = _steps(job, ckpt, meter, state, start, progress, meta)
+    state, step, status = _steps(job, ckpt, meter, state, start, progress, meta, tracker)
   finally:
     bar.close()
     ckpt.wait()
@@ -343,13 +360,19 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
     export_dir, exported = _export(job, ckpt, step, progress, meta, workdir)
   summary = {"step": step, "resumed_from": start, "status": status, "export": export_dir,
              "exported_step": exported, "best_step": progress.best_step,
-             "best_val_loss": None if progress.best == float("inf") else progress.best,
+             "best_metric": progress.metric, "best_value": eval_lib.best_value(cfg, progress),
+             "best_val_loss": (eval_lib.best_value(cfg, progress)
+                               if progress.metric == "val_loss" else None),
              "skipped_steps": meter.skipped_total, "max_skipped": cfg.train.max_skipped,
              "params": total, "trainable_params": trainable,
              "processes": jax.process_count(), "devices": jax.device_count(), **meter.last_val}
   if jax.process_index() == 0:
     bar.write(_final_line(status, step, summary, meter, ckpt))
   ckpt.close()
+  summary["warnings"] = [msg for _, msg in tracker.book.warnings]
+  summary["eval_summary"] = ""
+  if status in ("completed", "early_stopped"):  # report.md, plots/loss.png, model card
+    summary["eval_summary"] = eval_lib.finish(job, tracker, summary, job.run.state, workdir)
   summary["export"] = checkpoint_lib.publish(workdir, summary["export"])  # bucket workdirs
   return summary
 

@@ -132,6 +132,7 @@ class Meter:
     self.skipped_total = skipped_total
     self.consecutive_skipped = 0
     self.skip_run = (0, 0)  # (first, last) step of the latest run of skipped steps
+    self.train_losses: list[float] = []  # losses of the steps since the last eval
 
   def tick(self, step: int) -> None:
     """Called before the host prepares `step`'s batch: opens a window after a pause."""
@@ -163,6 +164,8 @@ class Meter:
         m["mfu"] = self.per_token * rate / (self.peak * jax.device_count())
     m.pop("weight", None)
     self._count_skip(s, m)
+    if not self.consecutive_skipped and "loss" in m:
+      self.train_losses.append(m["loss"])
     m.update(extra)
     m = rename_sources(m, self.source_names)
     if s % self.cfg.train.log_every == 0 or s == self.cfg.train.max_steps:
@@ -173,6 +176,11 @@ class Meter:
     if "epoch" in m:
       post["epoch"] = f"{m['epoch']:.2f}"
     self.bar.set_postfix(**post)
+
+  def take_train_loss(self) -> float | None:
+    """Mean training loss of the (not skipped) steps since the last call; None if none."""
+    losses, self.train_losses = self.train_losses, []
+    return sum(losses) / len(losses) if losses else None
 
   def _count_skip(self, step: int, m: dict) -> None:
     skipped = m.pop("skipped", 0.0) > 0

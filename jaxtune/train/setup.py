@@ -33,6 +33,7 @@ from jaxtune import peft
 from jaxtune import sharding
 from jaxtune import weights
 from jaxtune.methods import sft
+from jaxtune.train import evaluate
 from jaxtune.train import optim
 from jaxtune.train import state as state_lib
 from jaxtune.train import step as step_lib
@@ -94,6 +95,7 @@ def _id(x) -> int:
 def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   """Checks `cfg`, then builds data, weights, adapters, the method's pieces and the steps."""
   method = methods.check(cfg)
+  evaluate.check(cfg)  # eval.* and checkpoint.keep_best, also before data or weights
   cfg = config_lib.resolve_paths(cfg)  # absolute local paths (meta, exports), hub ids kept
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   tokenizer = data_lib.tokenizer_from_config(cfg)
