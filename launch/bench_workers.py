@@ -138,7 +138,7 @@ def _jax_worker(spec: dict) -> dict:
   if jax.default_backend() == "gpu":
     text = run.train_step.lower(run.state, run.frozen, batch).as_text()
     out["cudnn_attention_calls"] = text.count("__cudnn$fmha")
-    out["pallas_attention_calls"] = text.count("triton_kernel_call")
+    out["pallas_attention_calls"] = text.count("__gpu$xla.gpu.triton")
   state, losses = run.state, []
   t0 = time.perf_counter()
   for i in range(spec["warmup"]):

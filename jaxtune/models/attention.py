@@ -74,10 +74,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   time, per device, whether every row is one example followed by padding (`unpacked`): then
   plain causal cuDNN is exact for every real token (a real token never sees a later
   position), and only the padding positions' outputs differ from the segment mask's (they
-  read the example; nothing reads them back). Rows that really are packed take the Pallas
-  kernel. 'pallas' is the Pallas/Triton flash kernel of `jax.experimental.pallas.ops.gpu.
-  attention`, which masks segments block by block from the [B, T] ids (GPU; k/v repeated to
-  H heads; no window). 'splash' is JAX's TPU splash kernel (`pallas.ops.tpu.
+  read the example; nothing reads them back). Packed rows take cuDNN's packed (THD) layout
+  with each run of ids as its own causal sequence (up to 64 runs per row; Hopper or newer),
+  else the Pallas kernel. 'pallas' is the Pallas/Triton flash kernel of
+  `jax.experimental.pallas.ops.gpu.attention`, which masks segments block by block from the
+  [B, T] ids (GPU; k/v repeated to H heads; no window). 'splash' is JAX's TPU splash kernel (`pallas.ops.tpu.
   splash_attention`) with segment ids, sliding window and soft-cap. Off their backend the
   Pallas kernels run interpreted (slowly: for tests). 'xla' is portable and materialises
   the [B, 1, T, T] mask.
@@ -164,8 +165,17 @@ def unpacked(segment_ids: jax.Array) -> jax.Array:
   return prefix & jnp.all(~real | (segment_ids == segment_ids[:, :1]))
 
 
+# Runs per row (a padding run counts) that cuDNN's packed layout is compiled for; rows with
+# more take the Pallas kernel. Its cost grows with the bound (docs/BENCHMARKS.md).
+PACKED_RUNS = (16, 64)
+
+
 def _cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, interpret):
-  """cuDNN causal flash attention; packed rows (found at run time) go to Pallas."""
+  """cuDNN causal flash attention. With segment ids, one `lax.switch` on this device's rows:
+  unpacked -> plain causal cuDNN; packed with at most PACKED_RUNS[i] runs per row -> cuDNN's
+  packed layout (`cudnn_packed_attention`); more -> the Pallas kernel. Where the packed
+  layout cannot be built (not Hopper or newer, or a jax whose private cuDNN module changed),
+  packed rows go to Pallas."""
 
   def causal(q, k, v):
     window = (sliding_window - 1, 0) if sliding_window else None
@@ -174,9 +184,17 @@ def _cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, interpret):
 
   if segment_ids is None:
     return causal(q, k, v)
-  packed = functools.partial(_pallas_attention, segment_ids=segment_ids, scale=scale,
+  pallas = functools.partial(_pallas_attention, segment_ids=segment_ids, scale=scale,
                              interpret=interpret)
-  return jax.lax.cond(unpacked(segment_ids), causal, packed, q, k, v)
+  runs = jnp.max(run_count(segment_ids))
+  try:
+    packed = [functools.partial(cudnn_packed_attention, segment_ids=segment_ids, scale=scale,
+                                max_runs=m) for m in PACKED_RUNS]
+    index = jnp.where(unpacked(segment_ids), 0,
+                      1 + jnp.searchsorted(jnp.asarray(PACKED_RUNS), runs))
+    return jax.lax.switch(index, [causal, *packed, pallas], q, k, v)
+  except (ImportError, AttributeError, TypeError, NotImplementedError, RuntimeError):
+    return jax.lax.cond(unpacked(segment_ids), causal, pallas, q, k, v)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
@@ -279,10 +297,8 @@ def segment_runs(segment_ids: jax.Array, max_runs: int):
 
       [[1, 1, 2, 0]] , M = 3  ->  offsets [[0, 2, 3, -1]], lengths [[2, 1, 1]], count [3]
   Runs past M are dropped (the caller checks count <= M)."""
-  b, t = segment_ids.shape
-  new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                        axis=1)
-  run = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1  # [B, T] run index of each token
+  b = segment_ids.shape[0]
+  run = _run_index(segment_ids)  # [B, T]
   count = run[:, -1] + 1
   lengths = jax.vmap(lambda r: jax.ops.segment_sum(jnp.ones_like(r), r, max_runs))(run)
   offsets = jnp.cumsum(lengths, axis=1) - lengths
@@ -292,14 +308,27 @@ def segment_runs(segment_ids: jax.Array, max_runs: int):
   return offsets.astype(jnp.int32), lengths, count
 
 
+def _run_index(segment_ids: jax.Array) -> jax.Array:
+  """[B, T] int32: which run of equal ids (0, 1, ...) each token is in."""
+  b = segment_ids.shape[0]
+  new = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+                        axis=1)
+  return jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1
+
+
+def run_count(segment_ids: jax.Array) -> jax.Array:
+  """[B] int32: runs of equal ids per row (the padding run included)."""
+  return _run_index(segment_ids)[:, -1] + 1
+
+
 def cudnn_packed_attention(q, k, v, segment_ids, *, scale: float, max_runs: int = 16):
   """cuDNN's fused attention over packed rows (its THD "max_seg_per_batch" layout): each
   run of equal segment ids is its own causal sequence. GPU only; reaches into
   `jax._src.cudnn.fused_attention_stablehlo` (jax's public `dot_product_attention` takes
-  per-row lengths but no offsets), so it is a measured candidate (launch/bench_attention.py),
-  not what 'auto' picks: see docs/BENCHMARKS.md. Rows with more than `max_runs` runs are not
-  supported (their later runs would be dropped) and raise nothing: callers check
-  `segment_runs(...)[2]`."""
+  per-row lengths but no offsets): the one private JAX API in jaxtune, chosen by measurement
+  (docs/BENCHMARKS.md) and guarded (`_cudnn_attention` falls back to Pallas if it fails to
+  build). Rows with more than `max_runs` runs are not supported (their later runs would be
+  dropped) and raise nothing: callers check `run_count` first."""
   from jax._src.cudnn import fused_attention_stablehlo as fa  # private: a candidate only
   offsets, lengths, _ = segment_runs(segment_ids, max_runs)
   return fa.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths,
