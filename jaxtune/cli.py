@@ -1,4 +1,4 @@
-"""The `jaxtune` console command: `jaxtune train|convert|generate|eval|serve|bench [FLAGS]`.
+"""The `jaxtune` console command: `jaxtune train|convert|generate|eval|serve|bench|sweep [FLAGS]`.
 
 Each command runs the launcher of the same name, `launch/NAME.py`, exactly as
 `python launch/NAME.py [FLAGS]` does (same flags, same output, same exit status):
@@ -18,7 +18,7 @@ import pathlib
 import runpy
 import sys
 
-COMMANDS = ("train", "convert", "generate", "eval", "serve", "bench")
+COMMANDS = ("train", "convert", "generate", "eval", "serve", "bench", "sweep")
 USAGE = (f"usage: jaxtune {{{'|'.join(COMMANDS)}}} [FLAGS]\n"
          "  jaxtune COMMAND --help   lists the command's flags "
          "(train: --help_config lists every --set key)")
