@@ -74,15 +74,16 @@ def _check_sources() -> None:
   """One-line errors for a missing source, before anything is loaded."""
   from jaxtune import checkpoint
   from jaxtune import paths
+  from jaxtune import storage  # bucket URLs (s3://, gs://) as well as local paths
   if FLAGS.from_checkpoint:
-    if not os.path.exists(FLAGS.from_checkpoint):
+    if not storage.exists(FLAGS.from_checkpoint):
       raise app.UsageError(f"--from_checkpoint: no such directory {FLAGS.from_checkpoint!r} "
                            f"(looked for {os.path.abspath(FLAGS.from_checkpoint)})")
     if checkpoint.locate(FLAGS.from_checkpoint) is None:
       raise app.UsageError(f"--from_checkpoint: {FLAGS.from_checkpoint} is not a run's workdir "
                            "or checkpoint directory (no checkpoints/ in it); for an HF model "
                            "directory use --from_hf")
-  elif not os.path.exists(FLAGS.from_hf) and not paths.is_hub_id(FLAGS.from_hf):
+  elif not storage.exists(FLAGS.from_hf) and not paths.is_hub_id(FLAGS.from_hf):
     raise app.UsageError(f"--from_hf: no such directory {FLAGS.from_hf!r} (looked for "
                          f"{os.path.abspath(FLAGS.from_hf)}); expected an HF model directory, "
                          "a .gguf file or a hub id")

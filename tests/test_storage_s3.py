@@ -105,6 +105,26 @@ def test_hf_model_loads_from_and_exports_to_a_bucket(s3, tmp_path):
     assert json.load(f)["rms_norm_eps"] == 1e-3
 
 
+def test_convert_from_and_to_buckets(s3, tmp_path):
+  """An HF dir in the bucket -> a jaxtune checkpoint in the bucket -> an HF export in the
+  bucket: transformers loads the export with the source's logits."""
+  from jaxtune import convert
+  model = hf_models.make("qwen2", seed=5)
+  model.save_pretrained(tmp_path / "src", safe_serialization=True)
+  _put_dir(s3, str(tmp_path / "src"), "models/qwen")
+  tokens = np.random.default_rng(2).integers(0, 101, (1, 7)).astype(np.int32)
+  with torch.no_grad():
+    want = model(torch.tensor(tokens)).logits.numpy()
+  assert convert.hf_to_checkpoint(f"s3://{BUCKET}/models/qwen",
+                                  f"s3://{BUCKET}/imported") == f"s3://{BUCKET}/imported"
+  assert f"imported/checkpoints/0/{checkpoint.COMMIT}" in _keys(s3, "imported/")
+  assert checkpoint.is_run(f"s3://{BUCKET}/imported")
+  convert.checkpoint_to_hf(f"s3://{BUCKET}/imported", f"s3://{BUCKET}/reexported")
+  _get_dir(s3, "reexported", str(tmp_path / "re"))
+  np.testing.assert_allclose(_hf_logits(str(tmp_path / "re"), tokens), want,
+                             atol=2e-5, rtol=2e-5)
+
+
 def test_pickled_weights_on_a_bucket_are_refused_unread(s3):
   s3.put_object(Bucket=BUCKET, Key="models/pickled/config.json", Body=b"{}")
   s3.put_object(Bucket=BUCKET, Key="models/pickled/pytorch_model.bin", Body=b"not read")
@@ -134,6 +154,7 @@ def test_checkpoints_commit_with_a_marker_and_torn_steps_are_ignored(s3, tmp_pat
     if k.startswith("ckpt-protocol/checkpoints/3/") and not k.endswith(checkpoint.COMMIT):
       s3.copy_object(Bucket=BUCKET, Key=k.replace("/3/", "/4/"),
                      CopySource={"Bucket": BUCKET, "Key": k})
+  cache = os.environ["JAXTUNE_BUCKET_CACHE"]
   os.environ["JAXTUNE_BUCKET_CACHE"] = str(tmp_path / "other-machine")
   try:
     again = checkpoint.Checkpointer(url, keep=2)
@@ -150,7 +171,7 @@ def test_checkpoints_commit_with_a_marker_and_torn_steps_are_ignored(s3, tmp_pat
     trainable, meta = checkpoint.read(url)  # the reader's path: the latest committed step
     np.testing.assert_array_equal(np.asarray(trainable["w"]), np.full((3, 4), 3.0))
   finally:
-    os.environ["JAXTUNE_BUCKET_CACHE"] = str(tmp_path.parent)
+    os.environ["JAXTUNE_BUCKET_CACHE"] = cache
 
 
 def _train_args(workdir: str, *extra: str) -> list[str]:
