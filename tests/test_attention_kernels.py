@@ -102,6 +102,28 @@ def test_unpacked_predicate():
   assert not bool(attention.unpacked(jnp.asarray(two)))
 
 
+def test_segment_runs_and_the_gpu_branch():
+  """Hand-derived: row [1 1 2 0] has runs [0, 2), [2, 3), [3, 4) (the padding run counts)."""
+  offsets, lengths, count = attention.segment_runs(jnp.asarray([[1, 1, 2, 0], [1, 1, 1, 1]]), 3)
+  np.testing.assert_array_equal(offsets, [[0, 2, 3, -1], [0, -1, -1, -1]])
+  np.testing.assert_array_equal(lengths, [[2, 1, 1], [4, -1, -1]])
+  np.testing.assert_array_equal(count, [3, 1])
+  np.testing.assert_array_equal(attention.run_count(_segments()), [4, 2, 1, 2])
+  assert attention.PACKED_RUNS == (16, 32, 64)
+
+  def rows(examples, width=2):  # one row of examples of `width` tokens, then padding
+    seg = np.zeros((1, T), np.int32)
+    seg[0, :width * examples] = np.repeat(np.arange(1, examples + 1), width)
+    return jnp.asarray(seg)
+
+  assert int(attention.gpu_branch(_segments()[1:3])) == 0  # unpacked: plain causal cuDNN
+  # Runs include a trailing padding run: 15 examples + padding = 16 runs -> bound 16 (1);
+  # 16 + padding = 17 -> 32 (2); 31 + padding = 32 -> 32; 63 + padding = 64 -> 64 (3);
+  # 64 examples fill the 128 tokens (no padding) -> 64; 65 + padding = 66 -> Pallas (4).
+  got = [int(attention.gpu_branch(rows(n))) for n in (15, 16, 31, 63, 64)]
+  assert got + [int(attention.gpu_branch(rows(65, width=1)))] == [1, 2, 2, 3, 3, 4]
+
+
 def _sharded_step(impl, mesh, kv_heads, use_mesh, **kw):
   """jit of (loss, dq, dk, dv) with inputs laid out as the decoder lays them out."""
   q, k, v = _qkv(kv_heads)

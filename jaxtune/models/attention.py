@@ -75,7 +75,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   plain causal cuDNN is exact for every real token (a real token never sees a later
   position), and only the padding positions' outputs differ from the segment mask's (they
   read the example; nothing reads them back). Packed rows take cuDNN's packed (THD) layout
-  with each run of ids as its own causal sequence (up to 64 runs per row; Hopper or newer),
+  with each run of ids as its own causal sequence (up to 64 runs a row; Hopper or newer),
   else the Pallas kernel. 'pallas' is the Pallas/Triton flash kernel of
   `jax.experimental.pallas.ops.gpu.attention`, which masks segments block by block from the
   [B, T] ids (GPU; k/v repeated to H heads; no window). 'splash' is JAX's TPU splash kernel (`pallas.ops.tpu.
@@ -167,7 +167,15 @@ def unpacked(segment_ids: jax.Array) -> jax.Array:
 
 # Runs per row (a padding run counts) that cuDNN's packed layout is compiled for; rows with
 # more take the Pallas kernel. Its cost grows with the bound (docs/BENCHMARKS.md).
-PACKED_RUNS = (16, 64)
+PACKED_RUNS = (16, 32, 64)
+
+
+def gpu_branch(segment_ids: jax.Array) -> jax.Array:
+  """Int []: 0 unpacked rows; i in 1..len(PACKED_RUNS) the smallest packed-layout bound that
+  holds every row's runs; len(PACKED_RUNS) + 1 none does (the Pallas kernel)."""
+  runs = jnp.max(run_count(segment_ids))
+  return jnp.where(unpacked(segment_ids), 0,
+                   1 + jnp.searchsorted(jnp.asarray(PACKED_RUNS), runs)).astype(jnp.int32)
 
 
 def _cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, interpret):
@@ -186,13 +194,10 @@ def _cudnn_attention(q, k, v, segment_ids, *, scale, sliding_window, interpret):
     return causal(q, k, v)
   pallas = functools.partial(_pallas_attention, segment_ids=segment_ids, scale=scale,
                              interpret=interpret)
-  runs = jnp.max(run_count(segment_ids))
   try:
     packed = [functools.partial(cudnn_packed_attention, segment_ids=segment_ids, scale=scale,
                                 max_runs=m) for m in PACKED_RUNS]
-    index = jnp.where(unpacked(segment_ids), 0,
-                      1 + jnp.searchsorted(jnp.asarray(PACKED_RUNS), runs))
-    return jax.lax.switch(index, [causal, *packed, pallas], q, k, v)
+    return jax.lax.switch(gpu_branch(segment_ids), [causal, *packed, pallas], q, k, v)
   except (ImportError, AttributeError, TypeError, NotImplementedError, RuntimeError):
     return jax.lax.cond(unpacked(segment_ids), causal, pallas, q, k, v)
 
