@@ -97,3 +97,17 @@ def validate(cfg) -> None:
   if cfg.data.stride > cfg.data.seq_len:
     raise _error("data.stride", cfg.data.stride, f"0 <= stride <= data.seq_len="
                  f"{cfg.data.seq_len}")
+  _check_micro_batch(cfg)
+
+
+def _check_micro_batch(cfg) -> None:
+  """train.micro_batch ("", auto or N dividing data.batch_size) and the planner's limits."""
+  mb, batch = cfg.train.micro_batch, cfg.data.batch_size
+  if mb not in ("", "auto") and not (mb.isdigit() and int(mb) > 0 and batch % int(mb) == 0):
+    raise _error("train.micro_batch", mb, f"'', auto or a number of rows dividing "
+                 f"data.batch_size={batch}")
+  if cfg.train.device_memory_gib < 0:
+    raise _error("train.device_memory_gib", cfg.train.device_memory_gib,
+                 ">= 0 (0 = the device's own limit)")
+  if not 0 <= cfg.train.memory_margin < 1:
+    raise _error("train.memory_margin", cfg.train.memory_margin, "0 <= x < 1")

@@ -6,6 +6,7 @@
   python launch/train.py --help_config                      # every --set key, documented
   python launch/train.py --config=... --set=... --print_config   # the resolved config
   python launch/train.py --config=... --set=... --dry_run        # check data, plan, exit
+  python launch/train.py --config=... --set=... --plan           # memory per device, exit
 
 Writes WORKDIR/metrics.jsonl, TensorBoard events under WORKDIR/tb, orbax checkpoints under
 WORKDIR/checkpoints and, at the end, an HF export in WORKDIR/hf. Re-running the same command
@@ -45,6 +46,12 @@ flags.DEFINE_bool("print_config", False, "Print the resolved config (recipe + --
 flags.DEFINE_bool("dry_run", False, "Check the config, read and encode the data (template "
                   "check included), print the plan (model size, trainable params, tokens per "
                   "step, steps, epochs, memory), then exit without training.")
+flags.DEFINE_bool("plan", False, "Compile the train step ahead of time with abstract arrays "
+                  "(no weights loaded, no data read) on the configured mesh and print, per "
+                  "device, params, optimizer state, gradients, activations and the total "
+                  "against the device's memory (train.device_memory_gib; CPU: none), with a "
+                  "verdict; with train.micro_batch=auto, the micro-batch it picks. Writes "
+                  "WORKDIR/plan.json, then exits.")
 
 EXIT_STATUS = {"completed": 0, "early_stopped": 0, "interrupted": 3, "diverged": 4}
 
@@ -58,7 +65,7 @@ def _stderr_once(msg: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if FLAGS.help_config or FLAGS.print_config or FLAGS.dry_run:
+  if FLAGS.help_config or FLAGS.print_config or FLAGS.dry_run or FLAGS.plan:
     return _inspect()
   again = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
   try:
@@ -79,7 +86,8 @@ def main(argv):
 
 
 def _inspect() -> None:
-  """--help_config / --print_config / --dry_run: say what a run would do, train nothing."""
+  """--help_config / --print_config / --dry_run / --plan: say what a run would do, train
+  nothing."""
   from jaxtune import config as config_lib
   if FLAGS.help_config:
     print(config_lib.help_text())
@@ -90,6 +98,11 @@ def _inspect() -> None:
     return
   common.setup_runtime()
   from jaxtune.train import plan  # after jax.distributed.initialize
+  if FLAGS.plan:
+    from jaxtune.train import memory  # pylint: disable=g-import-not-at-top
+    p = memory.plan(cfg)
+    common.print_once(plan.report(p) + f"\n  plan written to {plan.write(p, FLAGS.workdir)}")
+    return
   common.print_once(plan.dry_run(cfg))
 
 

@@ -78,10 +78,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Arra
   with each run of ids as its own causal sequence (up to 64 runs a row; Hopper or newer),
   else the Pallas kernel. 'pallas' is the Pallas/Triton flash kernel of
   `jax.experimental.pallas.ops.gpu.attention`, which masks segments block by block from the
-  [B, T] ids (GPU; k/v repeated to H heads; no window). 'splash' is JAX's TPU splash kernel (`pallas.ops.tpu.
-  splash_attention`) with segment ids, sliding window and soft-cap. Off their backend the
-  Pallas kernels run interpreted (slowly: for tests). 'xla' is portable and materialises
-  the [B, 1, T, T] mask.
+  [B, T] ids (GPU; k/v repeated to H heads; no window). 'splash' is JAX's TPU splash
+  kernel (`pallas.ops.tpu.splash_attention`) with segment ids, sliding window and soft-cap.
+  Off their backend the Pallas kernels run interpreted (slowly: for tests). 'xla' is
+  portable and materialises the [B, 1, T, T] mask.
 
   'auto': on GPU in bf16/fp16 without soft-cap, 'cudnn' (with the run-time unpacked check
   when there are segments; packed rows need T % 128 == 0 and no window, else 'xla'); on TPU

@@ -43,6 +43,7 @@ from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import quant
 from jaxtune.train import evaluate as eval_lib
+from jaxtune.train import memory
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train import resume
 from jaxtune.train import setup
@@ -315,6 +316,7 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
   """
   workdir = checkpoint_lib.local_workdir(workdir)
   ckpt, guard, identity = _guard(cfg, workdir, allow_changed)
+  cfg = memory.resolve_micro_batch(cfg, workdir)  # train.micro_batch -> optim.grad_accum
   job = setup.prepare(cfg)  # checks first, then mesh, tokenizer, data, weights, steps
   cfg = job.cfg  # with resolved paths
   job.ctx.workdir = workdir

@@ -10,6 +10,9 @@ cannot train fails here, with the same one-line message). The architecture comes
 model's config.json (or a run's checkpoint meta); parameter counts from the shapes alone
 (`jax.eval_shape`). The memory line counts weights, gradients and AdamW moments (float32)
 for the trainable params, not activations.
+
+`launch/train.py --plan` compiles the step instead (`train/memory.py`); its plan dict is
+printed by `report(p)` and saved by `write(p, workdir)` as WORKDIR/plan.json.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import functools
 import math
 import os
 
+import json
 import jax
 import numpy as np
 
@@ -76,9 +80,10 @@ def memory_line(cfg, model_cfg, total: int, trainable: int) -> str:
     weights = total * 0.53  # 4-bit codes + block scales (projections; an upper bound)
   train = trainable * 4 * 3  # float32 gradients + AdamW's two moments
   devices = jax.device_count()
-  return (f"weights {_mb(weights)} + gradients and AdamW {_mb(train)} = "
-          f"{_mb(weights + train)}, about {_mb((weights + train) / devices)} per device on "
-          f"{devices} device(s) when sharded (activations not included)")
+  return (f"weights {gib(weights)} + gradients and AdamW {gib(train)} = "
+          f"{gib(weights + train)}, about {gib((weights + train) / devices)} per device on "
+          f"{devices} device(s) when sharded (activations not included: --plan compiles the "
+          "step and counts them)")
 
 
 def dry_run(cfg: config_lib.TrainConfig) -> str:
@@ -107,3 +112,54 @@ def dry_run(cfg: config_lib.TrainConfig) -> str:
   ]
   lines += ["  " + line for line in data_lib.summary(ds.stats).splitlines()]
   return "\n".join(lines)
+
+
+def gib(n: float) -> str:
+  return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+_NOTES = {
+    "params": "weights the step reads (the frozen base and the trainable leaves)",
+    "reference": "frozen copies (a DPO reference)",
+    "optimizer": "AdamW moments and counts",
+    "gradients": "estimate: trainable leaves (+ float32 sums with accumulation)",
+    "batch": "the global batch's rows on this device",
+    "activations": "XLA temporaries minus the gradients: activations, workspaces",
+}
+
+
+CATEGORIES = ("params", "reference", "optimizer", "gradients", "batch", "activations")
+
+
+def report(p: dict) -> str:
+  """The plan as text (what --plan prints and the log shows)."""
+  m = p["model"]
+  mesh = " ".join(f"{k}={v}" for k, v in p["mesh"].items())
+  lines = [
+      f"plan: method {p['method']}, peft {p['peft']}, {m['family']} {m['layers']} layers "
+      f"hidden {m['hidden']} ({m['params']:,} params, {m['param_dtype']} weights, {m['dtype']} "
+      f"compute, remat {m['remat']}); mesh {mesh} over {p['devices']} x {p['device_kind']}",
+      f"  batch      {p['batch_size']} rows x {p['seq_len']} tokens = micro-batch "
+      f"{p['micro_batch']} x grad_accum {p['grad_accum']}"
+      + (" (train.micro_batch=auto)" if p["micro_batch_setting"] == "auto" else ""),
+      "  per device (compiled train step, XLA memory analysis):"]
+  for k in CATEGORIES:
+    lines.append(f"    {k:<12}{gib(p['per_device'][k]):>12}  {_NOTES[k]}")
+  limit = f" of {gib(p['limit'])} ({p['total'] / p['limit']:.0%})" if p["limit"] else ""
+  lines.append(f"    {'total':<12}{gib(p['total']):>12}{limit}: {p['verdict']}")
+  for e in p["tried"]:
+    lines.append(f"  tried      micro-batch {e['micro_batch']} (grad_accum {e['grad_accum']}): "
+                 f"{gib(e['total'])} -> {'fits' if e['fits'] else 'too big'}")
+  return "\n".join(lines)
+
+
+def write(p: dict, workdir: str) -> str:
+  """WORKDIR/plan.json (process 0 only); returns its path."""
+  path = os.path.join(workdir, "plan.json")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(p, f, indent=1)
+    os.replace(tmp, path)
+  return path

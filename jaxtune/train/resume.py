@@ -19,8 +19,12 @@ with old -> new (config.ConfigError, so the launcher exits 2):
 Safe keys proceed (logged): train.max_steps / log_every / eval_every / eval_batches /
 early_stopping_patience / max_skipped / progress, checkpoint.*, mesh.* (restoring onto
 another mesh or device count works: orbax reshards into the current shardings), the
-compute options model.dtype / remat / attention / scan_layers / logits_chunk, and the
-config sections of methods the run does not use. Every other key (architecture, base
+compute options model.dtype / remat / attention / scan_layers / logits_chunk, the
+micro-batching keys optim.grad_accum / train.micro_batch / device_memory_gib /
+memory_margin (accumulation gives the full-batch update, so a planner that picks another
+micro-batch on another machine changes nothing but rounding), train.epochs (like
+train.max_steps: the run's length), data.streaming / cache_dir / workers (how the same
+examples are read: the batches are identical), and the config sections of methods the run does not use. Every other key (architecture, base
 weights, peft.*, optim.*, data.*, train.seed, the method and its section, ...) is
 meaning-changing, including keys added later: unknown means guarded.
 `allow_changed=("peft.alpha", "data")` (keys or whole sections) lets those through; each
@@ -50,7 +54,9 @@ _log = logging.getLogger("jaxtune")
 SAFE_KEYS = ("train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.early_stopping_patience", "train.max_skipped", "train.progress",
              "model.dtype", "model.remat", "model.attention", "model.scan_layers",
-             "model.logits_chunk")
+             "model.logits_chunk", "optim.grad_accum", "train.micro_batch",
+             "train.device_memory_gib", "train.memory_margin", "train.epochs",
+             "data.streaming", "data.cache_dir", "data.workers")
 SAFE_SECTIONS = ("checkpoint", "mesh")
 CORE_SECTIONS = ("method", "model", "peft", "optim", "mesh", "data", "train", "checkpoint")
 # Compared by content in phase 2 (or, for model.hf_path, by digest in phase 1).

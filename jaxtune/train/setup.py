@@ -154,22 +154,34 @@ def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.Model
 
   repl = sharding.replicated(mesh)
   rng = jax.device_put(jax.random.PRNGKey(cfg.train.seed + 1), repl)
-  # Optimizer moments shard exactly like the params they track; counts etc. are replicated.
-  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh,
-                                 jax.eval_shape(optimizer.init, trainable), trainable_sh,
-                                 transform_non_params=lambda _: repl)
-  state_sh = state_lib.TrainState(step=repl, trainable=trainable_sh, opt_state=opt_sh, rng=repl)
+  state_sh = state_shardings(optimizer, trainable, trainable_sh, mesh)
   # Donated: the state takes over the trainable buffers instead of holding a second copy
   # (full fine-tuning would otherwise keep the initial params alive next to the trained ones).
   state = jax.jit(init_state, in_shardings=(trainable_sh, repl), out_shardings=state_sh,
                   donate_argnums=(0,))(trainable, rng)
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   batch_sh = sharding.batch_sharding(mesh)
-  train_step = step_lib.make_train_step(objective, optimizer, schedule,
-                                        grad_accum=cfg.optim.grad_accum)
-  train_step = jax.jit(train_step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+  train_step = jit_train_step(objective, optimizer, schedule, state_sh, frozen_sh, mesh,
+                              grad_accum=cfg.optim.grad_accum)
   eval_step = jax.jit(step_lib.make_eval_step(objective),
                       in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
   return Run(model_cfg=model_cfg, mesh=mesh, state=state, frozen=frozen, train_step=train_step,
              eval_step=eval_step, batch_sharding=batch_sh)
+
+
+def state_shardings(optimizer, trainable, trainable_sh, mesh) -> state_lib.TrainState:
+  """The TrainState's shardings: optimizer moments shard exactly like the params they
+  track; the step, counts and rng are replicated. `trainable` may be abstract."""
+  repl = sharding.replicated(mesh)
+  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh,
+                                 jax.eval_shape(optimizer.init, trainable), trainable_sh,
+                                 transform_non_params=lambda _: repl)
+  return state_lib.TrainState(step=repl, trainable=trainable_sh, opt_state=opt_sh, rng=repl)
+
+
+def jit_train_step(objective, optimizer, schedule, state_sh, frozen_sh, mesh, *,
+                   grad_accum: int):
+  """The jitted train step, state donated (what training runs and the planner compiles)."""
+  step = step_lib.make_train_step(objective, optimizer, schedule, grad_accum=grad_accum)
+  return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

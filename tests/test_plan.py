@@ -1,0 +1,158 @@
+"""The memory planner (train/memory.py): the abstract job is the real one, its bytes add up
+to XLA's own, `--plan` reads no weights and no data, and train.micro_batch=auto picks the
+largest micro-batch under the limit while keeping the global batch and the losses."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny_test
+from jaxtune import config as config_lib
+from jaxtune import sharding
+from jaxtune.train import loop
+from jaxtune.train import memory
+from jaxtune.train import setup
+from tests import launch_utils as lu
+
+TOKENIZER = os.path.join(lu.ROOT, "jaxtune", "assets", "tokenizer")
+TINY = ["--config=configs/tiny_test.py", "--set=train.eval_every=0",
+        "--set=checkpoint.export_hf=false"]
+
+
+def _cfg(*sets: str) -> config_lib.TrainConfig:
+  base = config_lib.TrainConfig(
+      model=config_lib.ModelConfig(hidden_size=32, intermediate_size=64, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, head_dim=8),
+      data=config_lib.DataConfig(seq_len=32, batch_size=8),
+      train=config_lib.LoopConfig(max_steps=4, progress=False))
+  return config_lib.override(base, list(sets))
+
+
+def _layout(tree):
+  """(shape, dtype, partition spec padded to the rank) per leaf: what placement means."""
+  def one(x):
+    spec = tuple(x.sharding.spec)
+    return tuple(x.shape), str(x.dtype), spec + (None,) * (x.ndim - len(spec))
+  return jax.tree_util.tree_map(one, tree)
+
+
+@pytest.mark.parametrize("sets", [("mesh.fsdp=4", "mesh.data=2"),
+                                  ("peft.method=qlora", "peft.quant_group_size=32",
+                                   "mesh.fsdp=2", "mesh.data=4"),
+                                  ("method=dpo", "peft.method=lora", "mesh.tensor=2")])
+def test_abstract_job_is_the_real_job(sets):
+  """State, frozen trees and batch of the planner = those setup.prepare builds from real
+  weights and data (shapes, dtypes, shardings), and XLA's memory analysis of the real
+  compiled step equals the plan's."""
+  cfg = _cfg(*sets)
+  job = setup.prepare(cfg)
+  abstract = memory.build(cfg, mesh=job.run.mesh)
+  assert _layout(abstract.state) == _layout(job.run.state)
+  assert _layout(abstract.frozen) == _layout(job.run.frozen)
+  host = next(iter(job.data.train))
+  real_batch = loop.device_batch(host, job.run.batch_sharding)
+  assert _layout(abstract.batch) == _layout(real_batch)
+  est = memory.estimate(abstract, cfg.optim.grad_accum)
+  ma = job.run.train_step.lower(job.run.state, job.run.frozen, real_batch).compile()
+  ma = ma.memory_analysis()
+  assert est["xla"]["temp"] == ma.temp_size_in_bytes
+  assert est["xla"]["argument"] == ma.argument_size_in_bytes
+  # The per-leaf accounting covers XLA's argument bytes; XLA leaves out only inputs the
+  # step never reads (a batch key), never state.
+  pd = est["per_device"]
+  state_bytes = pd["params"] + pd["reference"] + pd["optimizer"]
+  assert state_bytes <= est["xla"]["argument"] <= state_bytes + pd["batch"] + 12
+  # One device's shards of the real arrays, counted from the arrays themselves.
+  def shard_bytes(tree):
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(tree))
+  frozen = dict(job.run.frozen)
+  assert pd["params"] == shard_bytes(frozen.pop("base", {})) + shard_bytes(
+      job.run.state.trainable)
+  assert pd["reference"] == shard_bytes(frozen)
+  assert pd["optimizer"] == shard_bytes(job.run.state.opt_state)
+
+
+def test_plan_bytes_by_hand_and_verdicts():
+  """Replicated fp32 full fine-tuning: params = 4 bytes x ModelConfig.num_params (the
+  hand-written count), AdamW = 2 x that, batch = 6 int32/f32 arrays of B/8 rows."""
+  cfg = _cfg("mesh.data=8", "mesh.fsdp=1", "model.vocab_size=512")
+  p = memory.plan(cfg)
+  n = dataclasses.replace(cfg.model, vocab_size=p["model"]["vocab"]).num_params()
+  pd = p["per_device"]
+  assert pd["params"] == 4 * n
+  assert 8 * n <= pd["optimizer"] <= 8 * n + 64  # mu, nu (+ counts)
+  assert pd["batch"] == 6 * (8 // 8) * 32 * 4
+  assert pd["gradients"] == 4 * n
+  inputs = pd["params"] + pd["optimizer"] + pd["batch"] + 12  # + step (int32), rng (2 x u32)
+  assert p["total"] == inputs + p["xla"]["output"] - p["xla"]["alias"] + p["xla"]["temp"]
+  assert p["total"] > pd["params"] + pd["optimizer"] + pd["gradients"]
+  assert p["limit"] is None and p["verdict"].startswith("no verdict")  # CPU reports none
+  assert (p["micro_batch"], p["grad_accum"], p["batch_size"]) == (8, 1, 8)
+  assert memory.verdict(100, 200, 0.1).startswith("fits")
+  assert memory.verdict(190, 200, 0.1).startswith("tight")
+  assert memory.verdict(201, 200, 0.1).startswith("does not fit")
+
+
+def test_planner_refusals():
+  with pytest.raises(config_lib.ConfigError, match="train.device_memory_gib"):
+    memory.plan(_cfg("train.micro_batch=auto"))
+  with pytest.raises(config_lib.ConfigError, match="method=distill"):
+    memory.plan(_cfg("method=distill", "distill.teacher_path=/nonexistent"))
+  with pytest.raises(config_lib.ConfigError, match="train.micro_batch"):
+    _cfg("train.micro_batch=3")  # does not divide data.batch_size=8
+  with pytest.raises(config_lib.ConfigError, match="even micro-batch 1"):
+    memory.plan(_cfg("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=-1", "train.micro_batch=auto",
+                     "train.device_memory_gib=0.0001"))
+
+
+@pytest.mark.slow
+def test_plan_reads_no_weights_or_data_and_auto_keeps_batch_and_losses(tmp_path):
+  """--plan on a model dir without weights and a data file of bad records works (neither is
+  read); then train.micro_batch=auto with a limit between the planner's own peaks for
+  micro-batch 8 and 4 picks 4 (grad_accum 2), and trains the same losses as grad_accum 1."""
+  model_dir = tmp_path / "model"
+  model_dir.mkdir()
+  (model_dir / "config.json").write_text(json.dumps({
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512,
+      "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+      "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": True,
+      "max_position_embeddings": 2048}))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text("{not json\n")
+  plan_dir = str(tmp_path / "plan")
+  p = lu.run("train.py", *TINY, f"--set=model.hf_path={model_dir}",
+             f"--set=data.train_files={bad}", f"--set=data.tokenizer={TOKENIZER}", "--plan",
+             f"--workdir={plan_dir}", devices=2)
+  assert "no verdict" in p.stdout and "activations" in p.stdout
+  saved = json.load(open(os.path.join(plan_dir, "plan.json")))
+  assert saved["model"]["layers"] == 2 and saved["devices"] == 2 and saved["limit"] is None
+  assert set(saved["per_device"]) == set(memory.plan_lib.CATEGORIES)
+
+  # The limit sits between the planner's peaks for micro-batch 8 and 4 (2 devices, fsdp).
+  tiny = config_lib.override(tiny_test.get_config(), ["train.eval_every=0"])
+  job = memory.build(tiny, mesh=sharding.make_mesh(tiny.mesh, devices=jax.devices()[:2]))
+  peaks = {a: memory.estimate(job, a)["total"] for a in (1, 2)}
+  assert peaks[1] > peaks[2]
+  limit_gib = (peaks[1] + peaks[2]) / 2 / 2**30
+  common = [*TINY, "--set=train.max_steps=4", "--set=optim.warmup_steps=0"]
+  ref, auto = str(tmp_path / "ref"), str(tmp_path / "auto")
+  lu.run("train.py", *common, f"--workdir={ref}", devices=2)
+  out = lu.run("train.py", *common, f"--workdir={auto}", "--set=train.micro_batch=auto",
+               f"--set=train.device_memory_gib={limit_gib!r}", "--set=train.memory_margin=0",
+               devices=2)
+  assert "train.micro_batch=auto: micro-batch 4 x grad_accum 2 = data.batch_size 8" in out.stdout
+  chosen = json.load(open(os.path.join(auto, "plan.json")))
+  assert (chosen["micro_batch"], chosen["grad_accum"], chosen["batch_size"]) == (4, 2, 8)
+  assert [(t["micro_batch"], t["fits"]) for t in chosen["tried"]] == [
+      (8, False), (4, True), (2, True)]
+  assert chosen["total"] == peaks[2]
+  saved_cfg = json.load(open(os.path.join(auto, "config.json")))
+  assert saved_cfg["optim"]["grad_accum"] == 2 and saved_cfg["data"]["batch_size"] == 8
+  a, b = lu.losses(ref), lu.losses(auto)
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
