@@ -209,6 +209,12 @@ class LoopConfig:
   max_skipped: int = 10  # consecutive steps with a non-finite loss/grad norm before stopping
   seed: int = 0  # init, adapter and dropout randomness
   progress: bool = True  # show the progress bar
+  # Rows per micro-batch: "" = data.batch_size / optim.grad_accum; N = N rows (sets
+  # optim.grad_accum = data.batch_size / N); auto = the largest that fits the device memory
+  # with train.memory_margin to spare, from the compiled step (train/memory.py)
+  micro_batch: str = ""
+  device_memory_gib: float = 0.0  # planner: per-device memory; 0 = the device's (none on CPU)
+  memory_margin: float = 0.1  # micro_batch=auto: share of device memory kept free, in [0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +251,6 @@ class EvalConfig:
 # `Method.check` before any data or weights are touched.
 
 
-  # Rows per micro-batch: "" = data.batch_size / optim.grad_accum; N = N rows (sets
-  # optim.grad_accum = data.batch_size / N); auto = the largest that fits the device memory
-  # with train.memory_margin to spare, from the compiled step (train/memory.py)
-  micro_batch: str = ""
-  device_memory_gib: float = 0.0  # planner: per-device memory; 0 = the device's (none on CPU)
-  memory_margin: float = 0.1  # micro_batch=auto: share of device memory kept free, in [0, 1)
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
   """method=dpo: DPO-family preference losses (see jaxtune/methods/dpo.py)."""
