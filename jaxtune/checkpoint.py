@@ -218,9 +218,10 @@ def _local_steps(ckdir: str) -> dict[int, str]:
 def stage(url: str, *, steps=None, kind: str = "runs") -> str:
   """The local staging directory of the workdir `url`, made to mirror the bucket: its
   committed checkpoint steps (all, or only `steps`) and run files; local steps the bucket
-  does not hold as committed are removed, uncommitted leftovers on the bucket deleted."""
+  does not hold as committed are removed; a run's staging (kind="runs", the writer) also
+  deletes uncommitted leftovers on the bucket, a reader's never changes the bucket."""
   import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1:
+  if kind == "runs" and jax.process_count() > 1:
     raise ValueError(f"--workdir={url}: a workdir on a bucket is staged by one process; "
                      f"with {jax.process_count()} processes use a shared filesystem path "
                      "(e.g. a gcsfuse / s3 mount)")
@@ -232,18 +233,19 @@ def stage(url: str, *, steps=None, kind: str = "runs") -> str:
   for name in os.listdir(ckdir):  # torn, stale or not committed: the bucket is the truth
     if not (name.isdigit() and remote.get(int(name)) == held.get(int(name)) is not None):
       shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
-  _drop_uncommitted(url, set(remote))
+  if kind == "runs":
+    _drop_uncommitted(url, set(remote))
   wanted = set(remote) if steps is None else set(remote) & {int(s) for s in steps}
   for step in sorted(wanted - {s for s, t in held.items() if remote.get(s) == t}):
     storage.download(storage.join(url, "checkpoints", str(step)), os.path.join(ckdir, str(step)))
-  objects = storage.listing(url) if storage.exists(url) else {}
   for name in _RUN_FILES:
     path = os.path.join(local, name)
-    if name in objects:
+    if storage.exists(storage.join(url, name)):
       storage.download(url, local, [name])
     elif os.path.exists(path):
       os.remove(path)
-  storage.write_text(os.path.join(local, _REMOTE), url)
+  if kind == "runs":  # what makes Checkpointer(local) commit to the bucket
+    storage.write_text(os.path.join(local, _REMOTE), url)
   return local
 
 

@@ -221,4 +221,13 @@ def test_train_from_a_bucket_killed_resumed_exported(s3, tmp_path):
   tokens = np.random.default_rng(1).integers(3, 90, (1, 12)).astype(np.int32)
   np.testing.assert_allclose(_hf_logits(str(got / "hf"), tokens),
                              _hf_logits(os.path.join(local_ref, "hf"), tokens), atol=1e-5)
+  # launch/eval.py reads the run and the data from the bucket: the local run's numbers.
+  evals = {}
+  for name, model, data_file in (("bucket", url, f"s3://{BUCKET}/data/chat.jsonl"),
+                                 ("local", local_ref, sample)):
+    launch_utils.run("eval.py", f"--model={model}", f"--data={data_file}", "--max_examples=6",
+                     "--nogenerate", f"--out={tmp_path / ('eval-' + name)}")
+    with open(tmp_path / f"eval-{name}" / "metrics.json") as f:
+      evals[name] = json.load(f)
+  assert evals["bucket"]["perplexity"] == pytest.approx(evals["local"]["perplexity"], rel=1e-6)
   shutil.rmtree(tmp_path / "machine-a", ignore_errors=True)
