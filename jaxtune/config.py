@@ -185,6 +185,9 @@ class DataConfig:
   on_bad_record: str = "error"  # error | skip (count and report bad records instead)
   check_template: bool = True  # a turn that renders differently later is an error (else untrained)
   seed: int = 0  # shuffling and mixture draws
+  streaming: bool = False  # encode lazily into the tokenized cache, read batches from disk
+  cache_dir: str = ""  # tokenized cache (implies streaming); "" = ~/.cache/jaxtune/tokenized
+  workers: int = 0  # streaming: grain worker processes that tokenize; 0 = this process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +204,8 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-  max_steps: int = 200  # optimizer steps of the whole run
+  max_steps: int = 200  # optimizer steps of the whole run (unless train.epochs > 0)
+  epochs: float = 0.0  # > 0: passes over the train data (fractions too) decide max_steps
   log_every: int = 1  # steps between metrics.jsonl / TensorBoard rows
   eval_every: int = 50  # steps between validation losses; 0 = never
   eval_batches: int = 4  # eval batches per evaluation; 0 = all

@@ -46,6 +46,8 @@ _RANGES = {
     "optim.clip_norm": (lambda x: x >= 0, ">= 0 (0 disables clipping)"),
     "data.eval_fraction": (lambda x: 0 <= x < 1, "0 <= x < 1: the held-out share of records"),
     "data.stride": (lambda x: x >= 0, ">= 0"),
+    "data.workers": (lambda x: x >= 0, ">= 0 (0 = tokenize in the training process)"),
+    "train.epochs": (lambda x: x >= 0, ">= 0 (0 = train.max_steps decides the length)"),
     "data.seq_len": (lambda x: x >= 2, ">= 2"),
     "peft.dropout": (lambda x: 0 <= x < 1, "0 <= x < 1"),
     "peft.alpha": (lambda x: x > 0, "> 0"),

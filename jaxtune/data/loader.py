@@ -25,7 +25,8 @@ data is a DataError unless `strict=False`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -61,6 +62,22 @@ def _assemble(kind: str, rows: list, seq_len: int, pad_id: int) -> dict[str, Any
                                    for row in rows], seq_len, pad_id)
 
 
+class _Epoch(NamedTuple):
+  """One epoch's plan: draw d takes example idx[d] of source src[d]; row r holds the draws
+  order[starts[r]:starts[r+1]] (packing.plan_arrays)."""
+  src: np.ndarray
+  idx: np.ndarray
+  order: np.ndarray
+  starts: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts) - 1
+
+  def row(self, r: int) -> list[tuple[int, int]]:
+    draws = self.order[self.starts[r]:self.starts[r + 1]]
+    return list(zip(self.src[draws].tolist(), self.idx[draws].tolist()))
+
+
 class Loader:
   """Endless, deterministic, resumable iterator of this process's share of global batches."""
 
@@ -70,8 +87,10 @@ class Loader:
                pad_id: int = 0, plan_id: str = ""):
     if kind not in KINDS:
       raise errors.DataError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
-    self._examples = [list(src) for src in examples]
-    self._lengths = [np.array([len(r.seqs[0]) for r in src], np.int64)
+    # A source is a list of examples, or a store.Store read lazily (lengths in memory).
+    self._examples = [src if hasattr(src, "lengths") else list(src) for src in examples]
+    self._lengths = [np.asarray(src.lengths, np.int64) if hasattr(src, "lengths") else
+                     np.array([len(r.seqs[0]) for r in src], np.int64)
                      for src in self._examples]
     self._schedule = mixture.Schedule([len(src) for src in self._examples], weights, seed)
     self.kind = kind
@@ -84,7 +103,7 @@ class Loader:
     self.plan_id = plan_id
     self._epoch, self._index, self._batches = 0, 0, 0
     self._offsets = [0] * len(self._examples)
-    self._rows: list[list[tuple[int, int]]] | None = None
+    self._rows: _Epoch | None = None
     self._next_offsets: list[int] = []
 
   # -- position -------------------------------------------------------------------------
@@ -127,15 +146,36 @@ class Loader:
     self._load_epoch()
     return len(self._rows)
 
+  def _plan(self, epoch: int, offsets) -> tuple[_Epoch, list[int]]:
+    """(the rows of `epoch`, per-source offsets after it); a few int64 per example."""
+    src, idx, next_offsets = self._schedule.epoch(epoch, offsets)
+    lengths = np.zeros(len(src), np.int64)
+    for s, lens in enumerate(self._lengths):
+      at = src == s
+      lengths[at] = lens[idx[at]]
+    order, starts = packing.plan_arrays(lengths, self.seq_len, pack=self.pack)
+    return _Epoch(src, idx, order, starts), next_offsets
+
+  def steps_for_epochs(self, epochs: float) -> int:
+    """Optimizer steps (global batches) that cover `epochs` passes from the start:
+    ceil((rows of epochs 0..E-1, plus the fraction of epoch E's rows) / batch_size).
+    Each epoch is planned as iteration will plan it (mixture draws and packing differ per
+    epoch), so the count is exact; the position is left unchanged."""
+    if epochs <= 0:
+      raise errors.DataError(f"train.epochs={epochs}; expected > 0")
+    rows, offsets, e = 0.0, [0] * len(self._examples), 0
+    while e < epochs:
+      plan, offsets = self._plan(e, offsets)
+      rows += len(plan) * min(1.0, epochs - e)
+      e += 1
+    return max(1, int(np.ceil(rows / self.batch_size - 1e-9)))
+
   # -- iteration ------------------------------------------------------------------------
 
   def _load_epoch(self) -> None:
     if self._rows is not None:
       return
-    src, idx, self._next_offsets = self._schedule.epoch(self._epoch, self._offsets)
-    lengths = [self._lengths[s][i] for s, i in zip(src.tolist(), idx.tolist())]
-    plan = packing.plan(lengths, self.seq_len, pack=self.pack)
-    self._rows = [[(int(src[j]), int(idx[j])) for j in row] for row in plan]
+    self._rows, self._next_offsets = self._plan(self._epoch, self._offsets)
     if self._index > len(self._rows):
       raise errors.DataError(f"loader state index {self._index} is past the {len(self._rows)} "
                              f"rows of epoch {self._epoch}")
@@ -145,7 +185,7 @@ class Loader:
     while len(out) < count:
       self._load_epoch()
       take = min(count - len(out), len(self._rows) - self._index)
-      out += self._rows[self._index:self._index + take]
+      out += [self._rows.row(r) for r in range(self._index, self._index + take)]
       self._index += take
       if self._index == len(self._rows):
         self._epoch, self._index = self._epoch + 1, 0
@@ -164,21 +204,48 @@ class Loader:
                      self.seq_len, self.pad_id)
 
 
+class FixedBatches(Sequence):
+  """fixed_batches(lazy=True): the same batches, each assembled when it is read."""
+
+  def __init__(self, examples, rows: list, *, kind: str, seq_len: int, batch_size: int,
+               local: int, process_index: int, pad_id: int):
+    self._examples, self._rows = examples, rows
+    self._kind, self._seq_len, self._pad_id = kind, seq_len, pad_id
+    self._batch_size, self._local, self._process_index = batch_size, local, process_index
+
+  def __len__(self) -> int:
+    return len(self._rows) // self._batch_size
+
+  def __getitem__(self, b):
+    if isinstance(b, slice):
+      return [self[i] for i in range(*b.indices(len(self)))]
+    if b < 0:
+      b += len(self)
+    if not 0 <= b < len(self):
+      raise IndexError(f"eval batch {b} of {len(self)}")
+    start = b * self._batch_size + self._process_index * self._local
+    mine = self._rows[start:start + self._local]
+    return _assemble(self._kind, [[(self._examples[s][i], s) for s, i in row] for row in mine],
+                     self._seq_len, self._pad_id)
+
+
 def fixed_batches(examples: Sequence[Sequence[encode.Result]], *, kind: str, seq_len: int,
                   batch_size: int, pack: bool = True, process_index: int = 0,
-                  process_count: int = 1, pad_id: int = 0) -> list[dict[str, Any]]:
+                  process_count: int = 1, pad_id: int = 0,
+                  lazy: bool = False) -> list[dict[str, Any]] | FixedBatches:
   """All `examples` once, in order (source by source), as this process's share of batches.
 
   For evaluation: the last batch is filled up with padding rows (loss_mask 0, source -1).
+  lazy=True returns a sequence that assembles each batch when read (streamed data).
   """
   local = _check_shares(batch_size, process_index, process_count)
-  stream = [(r, s) for s, src in enumerate(examples) for r in src]
-  plan = packing.plan([len(r.seqs[0]) for r, _ in stream], seq_len,
-                      pack=pack and kind == "sft")
-  rows = [[stream[j] for j in row] for row in plan]
+  index = [(s, i) for s, src in enumerate(examples) for i in range(len(src))]
+  lengths = np.concatenate([np.asarray(src.lengths) if hasattr(src, "lengths") else
+                            np.array([len(r.seqs[0]) for r in src], np.int64)
+                            for src in examples] or [np.zeros(0, np.int64)])
+  plan = packing.plan(lengths.tolist(), seq_len, pack=pack and kind == "sft")
+  rows = [[index[j] for j in row] for row in plan]
   rows += [[] for _ in range(-len(rows) % batch_size)]
-  batches = []
-  for b in range(0, len(rows), batch_size):
-    start = b + process_index * local
-    batches.append(_assemble(kind, rows[start:start + local], seq_len, pad_id))
-  return batches
+  batches = FixedBatches(examples, rows, kind=kind, seq_len=seq_len, batch_size=batch_size,
+                         local=local, process_index=process_index, pad_id=pad_id)
+  return batches if lazy else list(batches)

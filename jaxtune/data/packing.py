@@ -41,26 +41,52 @@ def plan(lengths: Sequence[int], seq_len: int, *, pack: bool = True,
   >>> plan([3, 3, 2, 4], 6, window=2)
   [[0, 1], [2, 3]]
   """
+  order, starts = plan_arrays(lengths, seq_len, pack=pack, window=window)
+  return [order[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
+def plan_arrays(lengths: Sequence[int], seq_len: int, *, pack: bool = True,
+                window: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """`plan` in two arrays, a few bytes per example: row r is order[starts[r]:starts[r+1]].
+
+  >>> order, starts = plan_arrays([3, 3, 2, 4], 6, window=2)
+  >>> order.tolist(), starts.tolist()
+  ([0, 1, 2, 3], [0, 2, 4])
+  """
+  n = len(lengths)
   if not pack:
-    return [[j] for j in range(len(lengths))]
-  rows: list[list[int]] = []
+    return np.arange(n, dtype=np.int64), np.arange(n + 1, dtype=np.int64)
+  row_of = np.empty(n, np.int64)
+  rows = 0
   open_rows: list[list] = []  # [free, [positions]]
-  for j, n in enumerate(lengths):
-    if n > seq_len:
-      raise ValueError(f"example {j} has {n} tokens > seq_len {seq_len} (not truncated?)")
+
+  def close(r) -> None:
+    nonlocal rows
+    row_of[r[1]] = rows
+    rows += 1
+
+  lengths = np.asarray(lengths, np.int64)
+  for j, n_j in ((j, int(x)) for a in range(0, n, 1 << 14)
+                 for j, x in enumerate(lengths[a:a + (1 << 14)].tolist(), start=a)):
+    if n_j > seq_len:
+      raise ValueError(f"example {j} has {n_j} tokens > seq_len {seq_len} (not truncated?)")
     for r in open_rows:
-      if r[0] >= n:
-        r[0] -= n
+      if r[0] >= n_j:
+        r[0] -= n_j
         r[1].append(j)
         break
     else:
       if len(open_rows) == window:
-        rows.append(open_rows.pop(0)[1])
-      open_rows.append([seq_len - n, [j]])
+        close(open_rows.pop(0))
+      open_rows.append([seq_len - n_j, [j]])
     if open_rows and open_rows[0][0] == 0:  # full: close it now
-      rows.append(open_rows.pop(0)[1])
-  rows.extend(r[1] for r in open_rows)
-  return rows
+      close(open_rows.pop(0))
+  for r in open_rows:
+    close(r)
+  order = np.argsort(row_of, kind="stable")
+  starts = np.zeros(rows + 1, np.int64)
+  np.cumsum(np.bincount(row_of, minlength=rows), out=starts[1:])
+  return order, starts
 
 
 def _empty(shape: tuple[int, ...], pad_id: int) -> dict[str, np.ndarray]:

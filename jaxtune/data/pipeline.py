@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
+from jaxtune.data import cache as cache_lib
 from jaxtune.data import encode
 from jaxtune.data import errors
 from jaxtune.data import formats
@@ -44,9 +47,10 @@ from jaxtune.data import mixture
 from jaxtune.data import provenance
 from jaxtune.data import sources
 from jaxtune.data import stats as stats_lib
+from jaxtune.data import stream
 from jaxtune.data import tokenizer_lib
 
-EVAL_SPLIT_SEED = 20250601
+EVAL_SPLIT_SEED = stream.EVAL_SPLIT_SEED
 DEFAULT_SAMPLE = {"sft": "chat", "preference": "preference", "prompt": "prompts"}
 _log = logging.getLogger("jaxtune.data")
 
@@ -134,12 +138,7 @@ def _fit(result: encode.Result, policy: str, data_cfg, where: str,
 
 def _split(raw: list, fraction: float) -> tuple[list, list]:
   """(train, held-out eval) records of one source; fixed seed, eval keeps file order."""
-  n = len(raw)
-  if fraction <= 0 or n < 2:
-    return raw, []
-  n_eval = min(n - 1, max(1, int(round(n * fraction))))
-  held = np.zeros(n, bool)
-  held[np.random.default_rng(EVAL_SPLIT_SEED).permutation(n)[:n_eval]] = True
+  held = stream.held_out(len(raw), fraction)
   return ([r for r, h in zip(raw, held) if not h], [r for r, h in zip(raw, held) if h])
 
 
@@ -160,28 +159,12 @@ def _source_format(fmt: str, kind: str, name: str) -> str:
   return "prompt" if kind == "prompt" else fmt
 
 
-def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
-          process_count: int = 1) -> Datasets:
-  """Reads, checks and encodes all data of `data_cfg` (a config.DataConfig); see module doc."""
-  if kind not in loader_lib.KINDS:
-    raise errors.DataError(f"unknown kind {kind!r}; expected one of "
-                           f"{', '.join(loader_lib.KINDS)}")
-  if data_cfg.on_bad_record not in ("error", "skip"):
-    raise errors.DataError(f"bad data.on_bad_record {data_cfg.on_bad_record!r}; expected "
-                           "error or skip")
-  encoder = encode.Encoder(tokenizer, loss_policy=data_cfg.loss_policy,
-                           check_template=data_cfg.check_template,
-                           text_field=data_cfg.text_field,
-                           chat_render=getattr(data_cfg, "chat_render", "auto"))
-  train_spec = data_cfg.train_files or tokenizer_lib.sample_path(DEFAULT_SAMPLE[kind])
-  train_sources = sources.parse(train_spec, setting="data.train_files")
-  eval_sources = sources.parse(data_cfg.eval_files, setting="data.eval_files")
-  weights = mixture.parse_weights(data_cfg.weights, len(train_sources))
-
+def _memory_sets(train_sources, eval_sources, encoder, data_cfg, kind: str, parts: dict, *,
+                 process_index: int, process_count: int):
+  """Every record read and encoded into memory: (train sets, eval sets, tallies, None)."""
+  del process_index, process_count  # every process encodes everything
   train_tally, eval_tally = stats_lib.Tally(), stats_lib.Tally()
   train_sets, eval_sets = [], []
-  parts = {"train": {}, "eval": {}, "tokenizer": provenance.tokenizer_digest(tokenizer),
-           "chat_template": provenance.template_digest(tokenizer)}
   for src in train_sources:
     raw = list(sources.read(src))
     if not raw:
@@ -207,6 +190,84 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
     fmt = _source_format(_detect(raw, data_cfg), kind, src.name)
     i = eval_tally.add_source(src.name, fmt)
     eval_sets.append(_encode_source(raw, fmt, i, eval_tally, encoder, data_cfg, kind, src.name))
+  return train_sets, eval_sets, train_tally, eval_tally, None
+
+
+def _streamed_sets(train_sources, eval_sources, encoder, data_cfg, kind: str, parts: dict, *,
+                   process_index: int, process_count: int):
+  """Sources encoded share by share into the tokenized cache (cache.py), read back lazily:
+  (train stores, eval stores, tallies, cache info)."""
+  train_tally, eval_tally = stats_lib.Tally(), stats_lib.Tally()
+  train_sets, eval_sets, info = [], [], []
+  tok_parts = {"tokenizer": parts["tokenizer"], "chat_template": parts["chat_template"]}
+  k = 2 if kind == "preference" else 1
+  split = "none" if eval_sources else f"fraction:{data_cfg.eval_fraction}"
+  for part, srcs in (("train", train_sources), ("eval", eval_sources)):
+    for src in srcs:
+      digest = cache_lib.source_digest(src)
+      parts[part][src.name] = digest
+      entry = os.path.join(cache_lib.directory(data_cfg), cache_lib.key(
+          digest, data_cfg, kind, split if part == "train" else "all", tok_parts))
+      detect = lambda raw, name=src.name: _source_format(_detect(raw, data_cfg), kind, name)
+      encode_records = functools.partial(_encode_records, fmt=None, encoder=encoder,
+                                         data_cfg=data_cfg, kind=kind, name=src.name)
+      meta, shards = cache_lib.source_stores(
+          src, entry=entry, split=split if part == "train" else "all", detect=detect,
+          encode_records=encode_records, k=k, process_index=process_index,
+          process_count=process_count, workers=getattr(data_cfg, "workers", 0))
+      info.append({"source": src.name, "entry": entry, "hit": meta["hit"]})
+      if part == "train" and not meta["records"]:
+        raise errors.DataError(f"data.train_files: {src.name} has no records")
+      if not shards:  # an empty eval source: no batches, but it keeps its source id
+        eval_tally.add_source(src.name, meta["format"])
+        eval_sets.append([])
+        continue
+      at_train = train_tally.add_source(src.name, meta["format"]) if part == "train" else None
+      at_eval = (eval_tally.add_source(src.name, meta["format"])
+                 if part == "eval" or not eval_sources else None)
+      train_store, eval_store = stream.open_stores(shards, (train_tally, eval_tally),
+                                                   (at_train, at_eval))
+      if part == "train":
+        if not len(train_store):
+          raise errors.DataError(f"data.train_files: no usable examples in {src.name} (see "
+                                 f"the counts: {train_tally.as_dict()['sources'][at_train]})")
+        train_sets.append(train_store)
+      if at_eval is not None:
+        eval_sets.append(eval_store)
+  return train_sets, eval_sets, train_tally, eval_tally, info
+
+
+def _encode_records(raw, tally, *, fmt, encoder, data_cfg, kind: str, name: str):
+  """One piece of a streamed source (tally: that piece's one-source Tally)."""
+  return _encode_source(raw, fmt or tally.sources[0]["format"], 0, tally, encoder, data_cfg,
+                        kind, name)
+
+
+def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
+          process_count: int = 1) -> Datasets:
+  """Reads, checks and encodes all data of `data_cfg` (a config.DataConfig); see module doc."""
+  if kind not in loader_lib.KINDS:
+    raise errors.DataError(f"unknown kind {kind!r}; expected one of "
+                           f"{', '.join(loader_lib.KINDS)}")
+  if data_cfg.on_bad_record not in ("error", "skip"):
+    raise errors.DataError(f"bad data.on_bad_record {data_cfg.on_bad_record!r}; expected "
+                           "error or skip")
+  encoder = encode.Encoder(tokenizer, loss_policy=data_cfg.loss_policy,
+                           check_template=data_cfg.check_template,
+                           text_field=data_cfg.text_field,
+                           chat_render=getattr(data_cfg, "chat_render", "auto"))
+  train_spec = data_cfg.train_files or tokenizer_lib.sample_path(DEFAULT_SAMPLE[kind])
+  train_sources = sources.parse(train_spec, setting="data.train_files")
+  eval_sources = sources.parse(data_cfg.eval_files, setting="data.eval_files")
+  weights = mixture.parse_weights(data_cfg.weights, len(train_sources))
+
+  parts = {"train": {}, "eval": {}, "tokenizer": provenance.tokenizer_digest(tokenizer),
+           "chat_template": provenance.template_digest(tokenizer)}
+  streamed = getattr(data_cfg, "streaming", False) or bool(getattr(data_cfg, "cache_dir", ""))
+  sets = (_streamed_sets if streamed else _memory_sets)(
+      train_sources, eval_sources, encoder, data_cfg, kind, parts,
+      process_index=process_index, process_count=process_count)
+  train_sets, eval_sets, train_tally, eval_tally, cache_info = sets
 
   fingerprint = provenance.fingerprint(parts)
   settings = {k: getattr(data_cfg, k) for k in (
@@ -223,12 +284,14 @@ def build(data_cfg, tokenizer, *, kind: str = "sft", process_index: int = 0,
                 process_count=process_count, pad_id=pad_id)
   train = loader_lib.Loader(train_sets, weights=weights, seed=data_cfg.seed, plan_id=plan_id,
                             **common)
-  eval_batches = loader_lib.fixed_batches(eval_sets, **common)
+  eval_batches = loader_lib.fixed_batches(eval_sets, lazy=streamed, **common)
 
   stats = {"kind": kind, "fingerprint": fingerprint, "plan": plan_id,
            "tokenizer": tokenizer_lib.describe(tokenizer),
            "train": train_tally.as_dict(), "eval": eval_tally.as_dict(),
            "rows_per_epoch": train.rows_in_epoch(), "eval_batches": len(eval_batches)}
+  if cache_info is not None:
+    stats["cache"] = cache_info
   for i, e in enumerate(stats["train"]["sources"]):
     e["weight"] = float(weights[i]) if weights is not None else (
         len(train_sets[i]) / sum(map(len, train_sets)))

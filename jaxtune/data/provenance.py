@@ -18,8 +18,10 @@ import hashlib
 import json
 from typing import Any, Iterable
 
+from jaxtune.data import files
+
 def file_digest(path: str) -> str:
-  with open(path, "rb") as f:
+  with files.open(path) as f:
     return hashlib.file_digest(f, "sha256").hexdigest()
 
 

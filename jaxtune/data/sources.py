@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import glob
 import io
 import json
-import os
 from typing import Any, Iterator
 
 from jaxtune.data import errors
+from jaxtune.data import files
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 
@@ -59,16 +58,15 @@ def parse(spec: str, *, setting: str = "data.train_files") -> list[Source]:
 
 
 def _expand(path: str, setting: str) -> list[str]:
-  if os.path.isdir(path):
-    found = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if os.path.isfile(p) and p.endswith(EXTENSIONS))
+  if files.isdir(path):
+    found = [p for p in files.find(path) if p.endswith(EXTENSIONS)]
     if not found:
       raise errors.DataError(f"{setting}: directory {path!r} has no {'/'.join(EXTENSIONS)} "
                              "files")
     return found
-  matches = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+  matches = files.glob(path) if any(c in path for c in "*?[") else [path]
   for p in matches:
-    if not os.path.isfile(p):
+    if not files.isfile(p):
       raise errors.DataError(f"{setting}: no such file or directory: {p!r}")
     if not p.endswith(EXTENSIONS):
       raise errors.DataError(f"{setting}: {p!r} has an unsupported extension; expected one "
@@ -101,9 +99,11 @@ def _object_or_error(where: str, value: Any) -> Any:
                            "JSON object with the record's fields", "not_an_object")
 
 
-def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-  with open(path, "rb") as f:  # bytes: a bad line is an error about that line, not the file
-    for lineno, raw in enumerate(f, start=1):
+def _read_jsonl(path: str, start: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, Any]]:
+  """Records of a JSON-lines file; `start` = (byte offset, its line number) to begin at."""
+  with files.open(path) as f:  # bytes: a bad line is an error about that line, not the file
+    f.seek(start[0])
+    for lineno, raw in enumerate(f, start=start[1]):
       where = f"{path}:{lineno}"
       try:
         line = raw.decode("utf-8")
@@ -126,7 +126,7 @@ def _read_jsonl(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _read_text(path: str) -> str:
-  with open(path, "rb") as f:
+  with files.open(path) as f:
     data = f.read()
   try:
     return data.decode("utf-8")
@@ -164,7 +164,8 @@ def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
 
   i = 0
-  for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+  source = files.open(path) if files.is_url(path) else path
+  for batch in pq.ParquetFile(source).iter_batches(batch_size=1024):
     for row in batch.to_pylist():
       yield f"{path} record {i}", row
       i += 1

@@ -36,7 +36,7 @@ class Tally:
   def __init__(self):
     self.sources: list[dict[str, Any]] = []
     self.skip_messages: list[str] = []
-    self._lengths: list[list[int]] = []  # per source: each example's length before fitting
+    self._lengths: list[list] = []  # per source: lengths before fitting (ints, arrays)
 
   def add_source(self, name: str, fmt: str = "") -> int:
     self.sources.append(_source_entry(name, fmt))
@@ -79,13 +79,41 @@ class Tally:
     if len(self.skip_messages) < MAX_SKIP_MESSAGES:
       self.skip_messages.append(str(error))
 
+  def state(self) -> dict[str, Any]:
+    """JSON-serialisable counters (a store shard keeps them; see `merge`)."""
+    return {"sources": [{**e, "dropped": dict(e["dropped"]), "skipped": dict(e["skipped"])}
+                        for e in self.sources],
+            "skip_messages": list(self.skip_messages)}
+
+  def lengths(self) -> list[np.ndarray]:
+    """Per source, each example's length before fitting (int32; p95 in the report)."""
+    return [np.concatenate([np.asarray([x for x in l if not isinstance(x, np.ndarray)],
+                                       np.int32)] + [x for x in l if isinstance(x, np.ndarray)])
+            for l in self._lengths]
+
+  def merge(self, state: dict[str, Any], lengths: list[np.ndarray], at: int = 0) -> None:
+    """Adds `state()` and `lengths()` of another tally (a store shard) whose source j is this
+    tally's source at + j."""
+    if at + len(state["sources"]) > len(self.sources):
+      raise ValueError(f"tally of {len(state['sources'])} sources merged at {at} into one of "
+                       f"{len(self.sources)}")
+    for j, other in enumerate(state["sources"]):
+      e = self.sources[at + j]
+      for key in COUNTS:
+        e[key] += other[key]
+      e["dropped"].update(other["dropped"])
+      e["skipped"].update(other["skipped"])
+      self._lengths[at + j].append(np.asarray(lengths[j], np.int32))
+    room = MAX_SKIP_MESSAGES - len(self.skip_messages)
+    self.skip_messages.extend(state["skip_messages"][:max(room, 0)])
+
   def as_dict(self) -> dict[str, Any]:
     sources = []
-    for e, lengths in zip(self.sources, self._lengths):
-      p95 = int(np.percentile(lengths, 95, method="higher")) if lengths else 0
+    for e, lengths in zip(self.sources, self.lengths()):
+      p95 = int(np.percentile(lengths, 95, method="higher")) if len(lengths) else 0
       sources.append({**e, "dropped": dict(sorted(e["dropped"].items())),
                       "skipped": dict(sorted(e["skipped"].items())), "p95_length": p95,
-                      "max_length": max(lengths, default=0)})
+                      "max_length": int(lengths.max()) if len(lengths) else 0})
     total: dict[str, Any] = {key: sum(e[key] for e in sources) for key in COUNTS}
     for key in ("dropped", "skipped"):
       c = collections.Counter()

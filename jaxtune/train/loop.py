@@ -389,6 +389,8 @@ def _start_line(cfg, job: setup.Job, bar, start: int, total: int, trainable: int
     n = rows()
     line += (f"; data: {n:,} rows of seq_len {cfg.data.seq_len} per epoch, "
              f"{cfg.data.batch_size} per step (~{n / cfg.data.batch_size:.1f} steps/epoch)")
+  if cfg.train.epochs > 0:
+    line += f"; train.epochs={cfg.train.epochs:g}: {cfg.train.max_steps} steps"
   if start:
     line += f"; resuming at step {start}"
   bar.write(line)

@@ -34,6 +34,7 @@ from jaxtune import paths
 from jaxtune import peft
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
+from jaxtune.train import setup
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -93,6 +94,9 @@ def dry_run(cfg: config_lib.TrainConfig) -> str:
   tokenizer = data_lib.tokenizer_from_config(cfg)
   ds = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,
                       process_index=jax.process_index(), process_count=jax.process_count())
+  steps_from = "train.max_steps"
+  if cfg.train.epochs > 0:
+    cfg, steps_from = setup.with_epochs(cfg, method, ds), f"train.epochs={cfg.train.epochs}"
   model_cfg, source = architecture(cfg, tokenizer)
   total, trainable = param_counts(cfg, model_cfg)
   rows, batch = ds.stats["rows_per_epoch"], cfg.data.batch_size
@@ -106,7 +110,7 @@ def dry_run(cfg: config_lib.TrainConfig) -> str:
       f"  trainable  {trainable:,} params ({100 * trainable / max(total, 1):.2f}%)",
       f"  per step   {batch} rows x {cfg.data.seq_len} tokens = {tokens:,} tokens "
       f"(grad_accum {cfg.optim.grad_accum})",
-      f"  steps      {cfg.train.max_steps} (train.max_steps); an epoch is {rows} rows = "
+      f"  steps      {cfg.train.max_steps} ({steps_from}); an epoch is {rows} rows = "
       f"{per_epoch} steps, so {cfg.train.max_steps / per_epoch:.2f} epochs",
       f"  memory     {memory_line(cfg, model_cfg, total, trainable)}",
   ]

@@ -92,6 +92,21 @@ def _id(x) -> int:
   return -1 if x is None else int(x)
 
 
+def with_epochs(cfg: config_lib.TrainConfig, method, data) -> config_lib.TrainConfig:
+  """cfg with train.max_steps derived from train.epochs (> 0) and the data's plan: the
+  steps whose global batches cover that many passes (Loader.steps_for_epochs). Every
+  sample counts once per optimizer step whatever optim.grad_accum (accumulation splits a
+  step's batch, it does not add batches)."""
+  if cfg.train.epochs <= 0:
+    return cfg
+  if type(method).batches is not methods.Method.batches:
+    raise config_lib.ConfigError(
+        f"train.epochs is not supported for method={cfg.method}: its steps are not batches "
+        "of the train data (e.g. GRPO rollouts); set train.max_steps instead")
+  steps = data.train.steps_for_epochs(cfg.train.epochs)
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+
+
 def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   """Checks `cfg`, then builds data, weights, adapters, the method's pieces and the steps."""
   method = methods.check(cfg)
@@ -101,6 +116,7 @@ def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   tokenizer = data_lib.tokenizer_from_config(cfg)
   data = data_lib.build(cfg.data, tokenizer, kind=method.data_kind,
                         process_index=jax.process_index(), process_count=jax.process_count())
+  cfg = with_epochs(cfg, method, data)
   model_cfg, params = load_weights(cfg, mesh, tokenizer)
   adapters = adapter_axes = None
   if cfg.peft.method != "none":
