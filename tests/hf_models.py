@@ -24,6 +24,30 @@ FAMILIES = {
         tie_word_embeddings=False, sliding_window=WINDOW, attn_implementation="eager")),
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(tie_word_embeddings=False, head_dim=24)),
+    # Gemma 2: 3 layers (sliding, full, sliding: a period of 2 plus one), window 5, weights
+    # large enough (initializer_range) that both soft-caps bind, a query_pre_attn_scalar
+    # other than head_dim. Eager attention: the implementation that applies the soft-cap.
+    "gemma2": (transformers.Gemma2Config, dict(
+        num_hidden_layers=3, head_dim=24, query_pre_attn_scalar=20, sliding_window=WINDOW,
+        initializer_range=0.1,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True,
+        attn_implementation="eager")),
+    # Gemma 3 text: layers (s, s, f, s) from sliding_window_pattern=3, local/global rope
+    # bases, linear rope scaling on the global layer, untied head.
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=4, head_dim=24, query_pre_attn_scalar=24, sliding_window=WINDOW,
+        sliding_window_pattern=3, tie_word_embeddings=False, attn_implementation="eager",
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
+    # Phi-3 / Phi-4-mini: fused qkv / gate_up, partial rotary (12 of 16 dims), LongRoPE
+    # whose original context (16) the test sequences cross.
+    "phi3": (transformers.Phi3Config, dict(
+        tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=16,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0, 1.3, 1.7, 2.2, 2.9, 3.5],
+                         "long_factor": [1.1, 2.0, 3.1, 4.4, 6.0, 8.5]})),
 }
 
 

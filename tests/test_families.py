@@ -21,8 +21,12 @@ from jaxtune.models import decoder
 from jaxtune.models import families
 
 NAMES = list(families.FAMILIES)
+ALL = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral",
+       "qwen3_moe")
 # Families whose config.json carries a sliding window (Llama's export writes none).
-WINDOWED = ("mistral", "qwen2", "qwen3")
+WINDOWED = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+# Rope scalings a family's transformers config refuses (Phi-3: default or longrope only).
+NO_VARIANT = {"phi3": ("llama3_rope", "linear_rope")}
 # Compute options: from_hf must keep them from `base`, whatever config.json says.
 BASE = config_lib.ModelConfig(dtype="bfloat16", param_dtype="bfloat16", remat="full",
                               attention="xla", scan_layers=False, logits_chunk=128)
@@ -51,12 +55,12 @@ def _cfg(name: str, variant: str) -> config_lib.ModelConfig:
 def _cases():
   for name in NAMES:
     for variant in VARIANTS:
-      if variant != "window" or name in WINDOWED:
+      if (variant != "window" or name in WINDOWED) and variant not in NO_VARIANT.get(name, ()):
         yield name, variant
 
 
 def test_registry_is_explicit_and_complete():
-  assert families.names() == tuple(families.FAMILIES) == ("llama", "mistral", "qwen2", "qwen3")
+  assert families.names() == tuple(families.FAMILIES) == ALL
   for name, family in families.FAMILIES.items():
     assert family.name == name and families.get(name) is family
     assert families.for_model_type(family.model_types[0], "x") is family
@@ -130,6 +134,13 @@ def test_block_flags_come_from_the_family():
       "mistral": {"attention_bias": False, "qk_norm": False},
       "qwen2": {"attention_bias": True, "qk_norm": False},
       "qwen3": {"attention_bias": False, "qk_norm": True},
+      "gemma2": {"attention_bias": False, "qk_norm": False, "norm_one_plus": True,
+                 "sandwich_norms": True, "embed_scale": True, "hidden_act": "gelu_pytorch_tanh"},
+      "gemma3": {"attention_bias": False, "qk_norm": True, "norm_one_plus": True,
+                 "sandwich_norms": True, "embed_scale": True, "hidden_act": "gelu_pytorch_tanh"},
+      "phi3": {"attention_bias": False, "qk_norm": False},
+      "mixtral": {"attention_bias": False, "qk_norm": False},
+      "qwen3_moe": {"attention_bias": False, "qk_norm": True},
   }
   for name in NAMES:
     d = hf_config.to_hf(_cfg(name, "plain"))
@@ -146,7 +157,8 @@ def test_every_row_names_a_decoder_param(name):
   family = families.get(name)
   untied = _cfg(name, "untied_ids")
   assert keys.rows(untied) == list(family.rows)  # untied: every row applies
-  assert set(p for _, p, _ in family.rows) == set(decoder.shapes(untied))
+  assert set(p for _, ps, _ in family.rows for p in keys.parts(ps)) == set(
+      decoder.shapes(untied))
   assert len({t for t, _, _ in family.rows}) == len(family.rows)
   tied = _cfg(name, "plain")
   assert [p for _, p, _ in keys.rows(tied)] == [
@@ -155,7 +167,8 @@ def test_every_row_names_a_decoder_param(name):
 
 def test_unknown_model_type_names_the_source_and_the_supported_ones():
   with pytest.raises(ValueError, match=r"^dir/config\.json: model_type 'gpt2' is not supported "
-                                       r"\(expected one of llama, mistral, qwen2, qwen3\)$"):
+                                       r"\(expected one of llama, mistral, qwen2, qwen3, "
+                                       r"gemma2, gemma3_text, phi3, mixtral, qwen3_moe\)$"):
     hf_config.from_hf({"model_type": "gpt2"}, source="dir/config.json")
   with pytest.raises(ValueError, match=r"model_type None is not supported"):
     families.for_model_type(None, "config.json")
@@ -163,7 +176,7 @@ def test_unknown_model_type_names_the_source_and_the_supported_ones():
 
 def test_unknown_family_names_model_family_and_the_allowed_ones():
   msg = (r"^bad value for model\.family: 'gemma9' "
-         r"\(expected one of llama, mistral, qwen2, qwen3\)$")
+         r"\(expected one of " + ", ".join(ALL) + r"\)$")
   with pytest.raises(config_lib.ConfigError, match=msg):
     families.get("gemma9")
   bad = config_lib.ModelConfig(family="gemma9")
@@ -180,8 +193,9 @@ def test_unsupported_features_are_refused(name):
   d = hf_config.to_hf(_cfg(name, "plain"))
   with pytest.raises(ValueError, match=r"^src: mlp_bias=true is not supported$"):
     hf_config.from_hf({**d, "mlp_bias": True}, source="src")
+  expected = ("default or longrope" if name == "phi3" else "default, linear or llama3")
   with pytest.raises(ValueError, match=r"^src: rope scaling type 'yarn' is not supported "
-                                       r"\(expected default, linear or llama3\)$"):
+                                       r"(for phi3 )?\(expected " + expected + r"\)$"):
     hf_config.from_hf({**d, "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
                        "rope_parameters": None}, source="src")
   if name == "llama":
