@@ -59,9 +59,16 @@ def layer_types(d: dict[str, Any], pattern: int, source: str) -> tuple[str, ...]
   return types_
 
 
+# transformers' Gemma config defaults for keys a config.json may leave out.
+DEFAULTS = {"tie_word_embeddings": True, "pad_token_id": 0, "eos_token_id": 1,
+            "bos_token_id": 2, "rms_norm_eps": 1e-6}
+
+
 def read(d: dict[str, Any], base_cfg: config_lib.ModelConfig, source: str, *, name: str,
          block: Mapping[str, Any], pattern: int, rope_d: dict[str, Any]) -> config_lib.ModelConfig:
-  """The Gemma reader: the Llama-like fields (rope from `rope_d`) plus Gemma's own."""
+  """The Gemma reader: the Llama-like fields (rope from `rope_d`) plus Gemma's own; keys
+  left out take transformers' Gemma defaults (tied embeddings, pad 0, eos 1, bos 2)."""
+  d = {**DEFAULTS, **d}
   act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
   if act != "gelu_pytorch_tanh":
     raise ValueError(f"{source}: hidden_activation={act!r} is not supported "

@@ -85,8 +85,14 @@ def _rope(d: dict[str, Any], source: str) -> tuple[dict[str, Any], float, config
       attention_factor=float(attention))
 
 
+# transformers' Phi-3 config defaults for keys a config.json may leave out.
+DEFAULTS = {"tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
+            "pad_token_id": 32000, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
+
+
 def from_hf(d: dict[str, Any], base_cfg: config_lib.ModelConfig,
             source: str) -> config_lib.ModelConfig:
+  d = {**DEFAULTS, **d}
   act = d.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"{source}: hidden_act={act!r} is not supported (expected silu)")
