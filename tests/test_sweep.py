@@ -117,10 +117,13 @@ _FAKE_TRAIN = textwrap.dedent("""
     with open(os.path.join(os.path.dirname(wd), "starts.txt"), "a") as f:
       f.write(f"{os.path.basename(wd)} {done}\\n")
     lr = float(sets["optim.lr"])
+    t0 = time.time()
     for step in range(done + 1, 5):
       time.sleep(float(sets.get("sleep", "0.05")))
       with open(path, "a") as f:
         f.write(json.dumps({"step": step, "val_loss": abs(math.log10(lr) + 4) + 1 / step}) + "\\n")
+    with open(os.path.join(os.path.dirname(wd), "spans.txt"), "a") as f:
+      f.write(f"{t0} {time.time()} {os.environ.get('CUDA_VISIBLE_DEVICES', '-')}\\n")
 """)
 
 
@@ -225,3 +228,16 @@ def test_sweep_of_the_default_job_killed_and_resumed(tmp_path):
   assert cfg["peft"]["rank"] == best.params["peft.rank"] and cfg["peft"]["method"] == "lora"
   rows = launch_utils.metrics(best.user_attrs["workdir"])
   assert best.value == [r["val_loss"] for r in rows if "val_loss" in r][-1]
+
+
+def test_parallel_trials_run_at_once_on_disjoint_devices(tmp_path):
+  s = _settings(tmp_path, 4, prune=False, parallel=2, devices=("0", "1"),
+                overrides=("sleep=0.3",))
+  study = runner.run(s)
+  assert len(runner.finished(study)) == 4
+  spans = [l.split() for l in (tmp_path / "sweep" / "spans.txt").read_text().splitlines()]
+  assert sorted(d for _, _, d in spans) == ["0", "0", "1", "1"]
+  overlapping = [(a, b) for i, a in enumerate(spans) for b in spans[i + 1:]
+                 if float(a[0]) < float(b[1]) and float(b[0]) < float(a[1])]
+  assert overlapping  # two trials ran at the same time ...
+  assert all(a[2] != b[2] for a, b in overlapping)  # ... never on the same device
