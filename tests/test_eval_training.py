@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune.eval import examples as examples_lib
@@ -179,7 +180,7 @@ def test_full_ft_forgetting_overfitting_and_keep_best(files, tmp_path, monkeypat
   """Full fine-tuning on one repeated word: the retention set (other words) gets worse. The
   validation loss is scripted to rise at every eval: with the training loss falling that is
   the overfitting pattern. keep_best=retention_ppl keeps and exports the best eval's step."""
-  vals = iter([5.0, 5.1, 5.2, 5.3])
+  vals = iter([5.0, 5.1, 5.2, 5.3, 5.4])
   monkeypatch.setattr(loop, "evaluate", lambda *a: {"val_loss": next(vals)})
   wd = str(tmp_path / "full")
   tol = 0.05
@@ -195,17 +196,20 @@ def test_full_ft_forgetting_overfitting_and_keep_best(files, tmp_path, monkeypat
   assert evals[0]["kl_to_base"] == 0.0  # the initial weights against their second copy
   warnings = [r.getMessage() for r in caplog.records]
 
-  ppl0 = evals[0]["retention_ppl"]
-  crossed = [r["step"] for r in evals if r["retention_ppl"] > (1 + tol) * ppl0]
+  ppl0, crossed, above = evals[0]["retention_ppl"], [], False
+  for r in evals[1:]:  # a warning each time retention_ppl crosses (1 + tol) x its step-0 value
+    if r["retention_ppl"] > (1 + tol) * ppl0 and not above:
+      crossed.append(r["step"])
+    above = r["retention_ppl"] > (1 + tol) * ppl0
   assert crossed, "the constructed run must forget"
   forgetting = [w for w in warnings if "forgetting" in w]
-  assert len(forgetting) == 1 and forgetting[0].startswith(f"step {crossed[0]}: ")
+  assert [int(w.split(":")[0][5:]) for w in forgetting] == crossed
 
   want = _expected_overfit_step(rows, [(r["step"], r["val_loss"]) for r in evals[1:]], 2)
   assert want is not None, "the constructed run must overfit"
   overfit = [w for w in warnings if "overfitting" in w]
   assert len(overfit) == 1 and overfit[0].startswith(f"step {want}: ")
-  assert len(summary["warnings"]) == 2
+  assert len(summary["warnings"]) == len(crossed) + 1
 
   best = min(evals[1:], key=lambda r: r["retention_ppl"])
   assert summary["best_metric"] == "retention_ppl" and summary["best_step"] == best["step"]
@@ -217,6 +221,25 @@ def test_full_ft_forgetting_overfitting_and_keep_best(files, tmp_path, monkeypat
   assert f"best step by retention_ppl: {best['step']}" in open(
       os.path.join(wd, "report.md")).read()
   assert not os.path.exists(os.path.join(wd, "final_eval.json"))  # eval.final=False
+
+  # Resume for two more steps: the tracker's state comes back from the checkpoint (the
+  # step-0 baseline, the forgetting and overfitting state), so nothing is re-measured at
+  # step 0 and a warning comes only from a new crossing; the best step stays unless step
+  # 10 beats it.
+  saved = checkpoint_lib.read_meta(wd, step=8)["loop"]["evals"]
+  assert saved["base_ppl"] == ppl0 and saved["prev_val"] == 5.3 and saved["forgetting"]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jaxtune"):
+    again = loop.train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                         max_steps=10)), wd)
+  rows = _rows(wd)
+  assert again["resumed_from"] == 8 and [r["step"] for r in rows if "retention_ppl" in r] == [
+      0, 2, 4, 6, 8, 10]
+  over = rows[-1]["retention_ppl"] > (1 + tol) * ppl0  # against the saved step-0 value
+  assert [r.getMessage()[:8] for r in caplog.records if "forgetting" in r.getMessage()] == (
+      ["step 10:"] if over and not saved["forgetting"] else [])
+  assert again["best_step"] == (10 if rows[-1]["retention_ppl"] < best["retention_ppl"] else
+                                best["step"])
 
 
 def test_overfitting_rule_by_hand():
