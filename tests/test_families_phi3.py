@@ -5,19 +5,24 @@ tests/hf_models.py (partial rotary 0.75, LongRoPE with an original context of 16
 sequences cross): logits, bit-identical round trip of the fused tensors and reload, packed
 rows, greedy generation and log-probs. Here: the fused tensors split exactly, LongRoPE's
 short / long switch per sequence and per packed segment, a Phi-3-mini-4k-style config
-(plain rope, sliding window), both config spellings, and the refusals.
+(plain rope, sliding window), both config spellings, the refusals, and LoRA exchanged with
+peft on the fused modules (jaxtune/peft/fused_io.py).
 """
 
 import dataclasses
 
+import jax
 import numpy as np
+import peft
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 
 import jaxtune
 from jaxtune.hf import config as hf_config
 from jaxtune.models import layers
+from jaxtune.peft import lora
 from tests import hf_models
 
 
@@ -140,3 +145,58 @@ def test_refusals_name_the_field():
   with pytest.raises(ValueError, match=r"^phi3 export: rope scaling 'linear' cannot be written"):
     hf_config.to_hf(dataclasses.replace(cfg, rope_scaling=dataclasses.replace(
         cfg.rope_scaling, kind="linear")))
+
+
+def _hf(d):
+  return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("targets", ["all", "q_v_up"])
+def test_lora_exports_to_peft_on_the_fused_modules(tmp_path, targets):
+  """jaxtune's LoRA on the split q/k/v, gate/up kernels = one PEFT LoRA of rank n*r on
+  qkv_proj / gate_up_proj (rank_pattern, alpha_pattern): PeftModel's logits equal ours,
+  also when only some parts are adapted (zero blocks)."""
+  d = str(tmp_path / "base")
+  hf_models.make("phi3").save_pretrained(d, safe_serialization=True)
+  cfg, params = jaxtune.load_hf(d)
+  regex = None if targets == "all" else r".*(q_proj|v_proj|up_proj)/kernel"
+  ad = lora.init(cfg, params, rank=3, alpha=5, rslora=targets == "all", key=jax.random.key(1),
+                 **({} if regex is None else {"targets": regex}))
+  leaves, treedef = jax.tree.flatten(ad)
+  ks = jax.random.split(jax.random.key(2), len(leaves))
+  ad = jax.tree.unflatten(treedef, [0.2 * jax.random.normal(k, x.shape, x.dtype)
+                                    for k, x in zip(ks, leaves)])
+  out = str(tmp_path / "adapter")
+  lora.save_peft(cfg, ad, out, base_model_name_or_path=d)
+  saved = safetensors.numpy.load_file(out + "/adapter_model.safetensors")
+  qkv = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight"
+  assert saved[qkv].shape == ((9 if targets == "all" else 6), cfg.hidden_size)
+  pm = peft.PeftModel.from_pretrained(_hf(d), out).eval()
+  tokens = _tokens(11, t=21)
+  ours = np.asarray(jaxtune.forward(cfg, params, tokens, lora=ad))
+  assert np.abs(ours - np.asarray(jaxtune.forward(cfg, params, tokens))).max() > 0.05
+  np.testing.assert_allclose(ours, hf_models.logits(pm, tokens), atol=1e-4, rtol=0)
+
+
+def test_peft_lora_on_fused_modules_loads_split(tmp_path):
+  """A PEFT LoRA on qkv_proj / gate_up_proj / o_proj / down_proj (rank r everywhere) loads
+  as per-part LoRAs sharing A, with PeftModel's logits."""
+  d = str(tmp_path / "base")
+  hf_models.make("phi3").save_pretrained(d, safe_serialization=True)
+  pm = peft.get_peft_model(_hf(d), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+      task_type="CAUSAL_LM"))
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "lora_" in n:
+        p.normal_(0.0, 0.2)
+  pm.save_pretrained(tmp_path / "p")
+  cfg, params = jaxtune.load_hf(d)
+  ad = lora.load_peft(cfg, str(tmp_path / "p"))
+  attn = ad.params["layers"]["self_attn"]
+  assert sorted(attn) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+  np.testing.assert_array_equal(np.asarray(attn["q_proj"]["a"]), np.asarray(attn["v_proj"]["a"]))
+  tokens = _tokens(12, t=21)
+  np.testing.assert_allclose(np.asarray(jaxtune.forward(cfg, params, tokens, lora=ad)),
+                             hf_models.logits(pm.eval(), tokens), atol=1e-4, rtol=0)
