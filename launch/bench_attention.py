@@ -102,6 +102,26 @@ def _cudnn_packed(q, k, v, s, *, scale, m):
   return A.cudnn_packed_attention(q, k, v, s, scale=scale, max_runs=m)
 
 
+def _grad_err(fn, qkv, f32, seg, ref_seg, w, keep) -> float:
+  """max over dq, dk, dv of max |g - g_ref| / max |g_ref|, for the loss sum(o * w) over real
+  tokens (padding outputs may differ by design); the reference is XLA in float32."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jaxtune.models import attention as A
+  wk = w * jnp.asarray(keep, w.dtype)[:, :, None, None]
+
+  def grads(f, args, s):
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum((f(q, k, v, s) * wk.astype(q.dtype))
+                                                    .astype(jnp.float32)),
+                            argnums=(0, 1, 2)))(*args)
+
+  ref = grads(lambda q, k, v, s: A.attention(q, k, v, segment_ids=s, impl="xla"), f32, ref_seg)
+  got = grads(fn, qkv, seg)
+  return max(float(np.max(np.abs(np.asarray(g, np.float32) - np.asarray(r)))
+                   / np.max(np.abs(np.asarray(r)))) for g, r in zip(got, ref))
+
+
 def run(batch, seq, heads, kv_heads, head_dim, iters, smoke) -> dict:
   import jax
   import jax.numpy as jnp
@@ -129,10 +149,12 @@ def run(batch, seq, heads, kv_heads, head_dim, iters, smoke) -> dict:
           lambda q, k, v, s, fn=fn: jnp.sum((fn(q, k, v, s) * w).astype(jnp.float32)),
           argnums=(0, 1, 2)))
       got = jax.jit(fn)(q, k, v, seg)
-      ref = A.attention(q, k, v, segment_ids=ref_seg, impl="xla")
-      keep = np.asarray(seg) != 0 if kind in ("packed", "short") else True
+      f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+      ref = A.attention(*f32, segment_ids=ref_seg, impl="xla")
+      keep = np.asarray(seg) != 0 if kind in ("packed", "short") else np.ones(q.shape[:2], bool)
       row["max_abs_err_vs_xla"] = float(np.max(np.abs(
           np.asarray(got, np.float32) - np.asarray(ref, np.float32))[keep]))
+      row["max_rel_grad_err_vs_xla"] = _grad_err(fn, (q, k, v), f32, seg, ref_seg, w, keep)
       row["fwd_bwd_ms"] = 1e3 * _timed(loss, (q, k, v, seg), iters)
       row["fwd_ms"] = 1e3 * _timed(jax.jit(fn), (q, k, v, seg), iters)
       row["status"] = "ok"
@@ -160,6 +182,7 @@ def main(argv):
   for r in res["rows"]:
     print(f"{r['name']:>20} {r.get('fwd_bwd_ms', float('nan')):8.3f} ms fwd+bwd  "
           f"{r.get('fwd_ms', float('nan')):8.3f} ms fwd  err {r.get('max_abs_err_vs_xla')}"
+          f"  grad rel err {r.get('max_rel_grad_err_vs_xla')}"
           f"  {r.get('error', '')[:120]}")
 
 
