@@ -21,11 +21,14 @@ Object stores have no atomic directory rename, but a single PUT is atomic, so a 
 without its marker (a run killed mid-upload) is never a resume point: `stage` deletes it.
 Pruning deletes the marker first. The bucket is the truth: staging drops local steps the
 bucket does not hold and downloads the committed steps it lacks, so a run killed on one
-machine resumes on another. orbax's own s3 path was not usable here (orbax 0.12 builds a
-local-file tensorstore spec for s3:// URLs, and tensorstore's s3 driver did not complete
-a write against an S3-compatible server on localhost), hence the staging, which serves
-every fsspec store the same way. Saves to a bucket are synchronous (the upload follows
-orbax's write), and one process only.
+machine resumes on another. orbax's own path was not usable for s3:// (checked with
+orbax 0.12.8 / tensorstore 0.1.86 against moto's S3 server): orbax builds a local-file
+tensorstore spec for s3:// URLs ("Checkpoint path should be absolute. Got s3:/..."); only
+gs:// goes to tensorstore's GCS driver; and tensorstore's s3 driver, which writes to the
+server when its spec names the endpoint, ignores AWS_ENDPOINT_URL (a bare s3:// spec timed
+out), so using it would mean patching orbax's private spec builder. Staging serves every
+fsspec store the same way, through the same standard credentials. Saves to a bucket are
+synchronous (the upload follows orbax's write), and one process only.
 """
 
 from __future__ import annotations
