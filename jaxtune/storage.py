@@ -108,10 +108,12 @@ def download(url: str, local_dir: str, names=None) -> list[str]:
   """Copies the objects below `url` (or only the relative `names`) into `local_dir`."""
   fs, path = filesystem(url)
   names = sorted(listing(url)) if names is None else sorted(names)
-  for name in names:
+  for name in names:  # each file appears whole (a concurrent reader never sees a part)
     target = os.path.join(local_dir, *name.split("/"))
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    fs.get_file(f"{path.rstrip('/')}/{name}", target)
+    part = f"{target}.part-{os.getpid()}"
+    fs.get_file(f"{path.rstrip('/')}/{name}", part)
+    os.replace(part, target)
   return names
 
 
