@@ -20,6 +20,7 @@ import torch
 import transformers
 
 import jaxtune
+from jaxtune import config as config_lib
 from jaxtune.hf import config as hf_config
 from jaxtune.models import layers
 from jaxtune.peft import lora
@@ -200,3 +201,12 @@ def test_peft_lora_on_fused_modules_loads_split(tmp_path):
   tokens = _tokens(12, t=21)
   np.testing.assert_allclose(np.asarray(jaxtune.forward(cfg, params, tokens, lora=ad)),
                              hf_models.logits(pm.eval(), tokens), atol=1e-4, rtol=0)
+
+
+def test_other_peft_file_types_name_the_fused_module(phi3, tmp_path):
+  _, cfg, params = phi3
+  ia3 = jaxtune.peft.get("ia3")
+  ad = ia3.init(cfg, params, config_lib.PeftConfig(method="ia3"), jax.random.key(0))
+  with pytest.raises(ValueError, match=r"^layers/self_attn/k_proj is part of the fused "
+                                       r"qkv_proj of a phi3 checkpoint; only LoRA / QLoRA"):
+    ia3.save(cfg, ad, str(tmp_path))

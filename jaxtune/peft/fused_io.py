@@ -36,6 +36,21 @@ FUSED_NAMES = tuple(sorted({t[:-len(".weight")].rsplit(".", 1)[1]
                             if isinstance(p, tuple) and t.endswith(".weight")}))
 
 
+class Templates(dict):
+  """`peft_io.module_templates`' dict: a fused part's missing template is a clear error."""
+
+  def __init__(self, family: str, fused: dict[str, str]):
+    super().__init__()
+    self.family, self.fused = family, fused
+
+  def __missing__(self, module: str):
+    if module in self.fused:
+      raise ValueError(f"{module} is part of the fused {self.fused[module]} of a {self.family} "
+                       "checkpoint; only LoRA / QLoRA adapter files can express it (use "
+                       "peft.method=lora or qlora, or merge the adapter)")
+    raise KeyError(module)
+
+
 def groups(cfg: config_lib.ModelConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
   """{HF module name ("qkv_proj"): (HF module template, part modules)} of the family."""
   out = {}
