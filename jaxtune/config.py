@@ -65,6 +65,14 @@ class ModelConfig:
   max_position_embeddings: int = 2048  # longest position the model was trained for
   sliding_window: int = 0  # 0 = full attention
   final_logit_softcap: float = 0.0  # >0: logits = cap * tanh(logits / cap) (models/head.py)
+  # Mixture of experts (Mixtral, Qwen3-MoE; models/moe.py). 0 experts = dense MLP blocks.
+  num_experts: int = 0  # experts per MoE layer E
+  num_experts_per_tok: int = 2  # top-k experts per token
+  moe_intermediate_size: int = 0  # expert MLP width (0 = intermediate_size, as Mixtral)
+  norm_topk_prob: bool = True  # renormalise the top-k router weights (Mixtral: always)
+  # Load-balancing loss weight added to the objective; -1 = config.json's (0 if random).
+  router_aux_loss_coef: float = -1.0
+  dense_layers: tuple[int, ...] = ()  # layers with a dense MLP in a MoE model (Qwen3-MoE)
   bos_token_id: int = -1  # -1 = none (random init: the tokenizer's)
   eos_token_id: tuple[int, ...] = ()
   pad_token_id: int = -1  # -1 = none (random init: the tokenizer's)
@@ -158,6 +166,7 @@ class MeshConfig:
   data: int = 1  # data-parallel replicas
   fsdp: int = -1  # fully sharded data parallel (params sharded); -1 = the rest
   tensor: int = 1  # tensor parallel (heads / MLP split)
+  expert: int = 1  # expert parallel (MoE experts split; batch rows split too)
 
 
 @dataclasses.dataclass(frozen=True)

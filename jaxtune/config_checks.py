@@ -64,6 +64,11 @@ _RANGES = {
     "mesh.data": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
     "mesh.fsdp": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
     "mesh.tensor": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
+    "mesh.expert": (lambda x: x == -1 or x >= 1, "-1 (all remaining devices) or >= 1"),
+    "model.num_experts": (lambda x: x >= 0, ">= 0 (0 = dense MLP)"),
+    "model.num_experts_per_tok": (lambda x: x >= 1, ">= 1"),
+    "model.router_aux_loss_coef": (lambda x: x == -1 or x >= 0,
+                                   "-1 (config.json's) or >= 0"),
 }
 
 

@@ -1,8 +1,11 @@
 """The one logical-axis rules table, the device mesh, and shardings for trees and batches.
 
 Params and activations name their axes logically ('embed', 'mlp', 'batch', ...); RULES maps
-each name to a mesh axis of the ('data', 'fsdp', 'tensor') mesh, or to None (replicated).
-A dimension that a mesh axis does not divide stays replicated rather than failing.
+each name to a mesh axis of the ('data', 'fsdp', 'tensor', 'expert') mesh, or to None
+(replicated). A dimension that a mesh axis does not divide stays replicated rather than
+failing, and a mesh axis the mesh lacks (a hand-built 3-axis mesh) is skipped. The
+'expert' axis splits MoE experts (expert parallelism, on top of FSDP over 'embed') and, like
+'data' and 'fsdp', the batch rows.
 
     >>> mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))       # 8 devices
     >>> spec(("layers", "embed", "mlp"), (2, 64, 128), mesh)
@@ -22,10 +25,11 @@ from jaxtune import quant
 from jaxtune import tree
 
 MESH_AXES = ("data", "fsdp", "tensor")
+EXPERT_AXIS = "expert"  # make_mesh's fourth axis (size 1 unless mesh.expert > 1)
 
 # logical name -> mesh axis (or tuple of axes, or None). The whole table.
 RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "seq": None,
     "layers": None,
     "embed": "fsdp",
@@ -34,6 +38,8 @@ RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "expert": "expert",  # MoE experts [.., E, ..] (models/moe.py)
+    "expert_mlp": "tensor",  # an expert's MLP width
     "norm": None,
     "rank": None,
     "act_embed": None,
@@ -43,28 +49,30 @@ RULES: dict[str, Any] = {
 }
 
 
-def mesh_shape(mesh_cfg: config_lib.MeshConfig, num_devices: int) -> tuple[int, int, int]:
-  """Resolves the one -1 axis; errors name the axis and the device count."""
-  dims = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def mesh_shape(mesh_cfg: config_lib.MeshConfig, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, tensor, expert): resolves the one -1 axis; errors name the axis and the
+  device count."""
+  dims = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, mesh_cfg.expert]
   if sum(d == -1 for d in dims) > 1:
     raise config_lib.ConfigError(f"mesh: at most one axis may be -1, got {dims}")
   known = int(np.prod([d for d in dims if d != -1]))
   if -1 in dims:
     if num_devices % known:
       raise config_lib.ConfigError(
-          f"mesh: {num_devices} devices not divisible by data*fsdp*tensor={known}")
+          f"mesh: {num_devices} devices not divisible by data*fsdp*tensor*expert={known}")
     dims[dims.index(-1)] = num_devices // known
   if int(np.prod(dims)) != num_devices:
     raise config_lib.ConfigError(
-        f"mesh: data*fsdp*tensor={dims} = {int(np.prod(dims))} but {num_devices} devices")
+        f"mesh: data*fsdp*tensor*expert={dims} = {int(np.prod(dims))} but {num_devices} "
+        "devices")
   return tuple(dims)
 
 
 def make_mesh(mesh_cfg: config_lib.MeshConfig, devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over all (or the given) devices."""
+  """A ('data', 'fsdp', 'tensor', 'expert') mesh over all (or the given) devices."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES + (EXPERT_AXIS,))
 
 
 def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
@@ -79,7 +87,7 @@ def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
       raise ValueError(f"logical axis {name!r} is not in sharding.RULES")
     targets = (target,) if isinstance(target, str) else (target or ())
     kept = tuple(t for t in targets
-                 if t not in used and mesh.shape[t] > 1)
+                 if t not in used and mesh.shape.get(t, 1) > 1)
     size = int(np.prod([mesh.shape[t] for t in kept])) if kept else 1
     if not kept or dim % size:
       out.append(None)
@@ -97,8 +105,10 @@ def tree_shardings(mesh: Mesh, axes_tree, shapes_tree):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Batch arrays [B, ...]: the leading axis over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  """Batch arrays [B, ...]: the leading axis over RULES['batch'] (data x fsdp x expert, as
+  the mesh has them), the rest replicated."""
+  rows = tuple(a for a in RULES["batch"] if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(rows, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -17,8 +17,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from jaxtune import config as config_lib
+from jaxtune.hf import expert_keys
 from jaxtune.models import decoder
 from jaxtune.models import families
+from jaxtune.models import moe
 
 Row = families.Row
 
@@ -40,10 +42,11 @@ def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
     shape = shapes[path]
     if "{i}" in template:
       shape = shape[1:]
-      for i in range(cfg.num_layers):
+      for i in moe.layer_ids(cfg, path):
         out[template.format(i=i)] = tuple(reversed(shape)) if transpose else shape
     else:
       out[template] = tuple(reversed(shape)) if transpose else shape
+  out.update(expert_keys.hf_shapes(cfg))  # MoE routers and experts, one tensor per expert
   return out
 
 
@@ -85,13 +88,14 @@ def to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray],
       continue
     if "{i}" in template:
       parts = []
-      for i in range(cfg.num_layers):
+      for i in moe.layer_ids(cfg, path):
         t = get(template.format(i=i))
         parts.append(t.T if transpose else t)
       yield path, np.stack(parts)
     else:
       t = get(template)
       yield path, (t.T if transpose else t)
+  yield from expert_keys.to_params(cfg, get, wanted)
 
 
 def to_hf(cfg: config_lib.ModelConfig, flat_params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,8 +104,9 @@ def to_hf(cfg: config_lib.ModelConfig, flat_params: dict[str, np.ndarray]) -> di
   for template, path, transpose in rows(cfg):
     x = flat_params[path]
     if "{i}" in template:
-      for i in range(cfg.num_layers):
-        out[template.format(i=i)] = np.ascontiguousarray(x[i].T if transpose else x[i])
+      for j, i in enumerate(moe.layer_ids(cfg, path)):
+        out[template.format(i=i)] = np.ascontiguousarray(x[j].T if transpose else x[j])
     else:
       out[template] = np.ascontiguousarray(x.T if transpose else x)
+  out.update(expert_keys.to_hf(cfg, flat_params))
   return out

@@ -102,11 +102,28 @@ def model_params(trainable, frozen: dict, adapters, rng=None):
   return dataclasses.replace(adapters, params=trainable).apply(frozen["base"], rng=rng)
 
 
-def hidden(model_cfg, params, batch: dict, constrain=None):
-  """Final-normed hidden states [B, T, D] of a packed batch."""
+def hidden(model_cfg, params, batch: dict, constrain=None, *, return_aux: bool = False):
+  """Final-normed hidden states [B, T, D] of a packed batch; with return_aux, (h, aux) where
+  aux["moe_aux_loss"] is the MoE load-balancing loss (`moe_aux` adds it to an objective)."""
   return decoder.hidden_states(model_cfg, params, batch["tokens"],
                                positions=batch.get("positions"),
-                               segment_ids=batch.get("segment_ids"), constrain=constrain)
+                               segment_ids=batch.get("segment_ids"), constrain=constrain,
+                               return_aux=return_aux)
+
+
+def moe_aux(model_cfg, aux: dict, weight) -> tuple[Any, dict]:
+  """(term to add to an objective's sum, metrics) for the MoE load-balancing loss.
+
+  The objective's sum is divided by `weight` (tokens, pairs, ...), so the term is
+  router_aux_loss_coef * aux * weight: the loss becomes mean + coef * aux, as in
+  transformers' *ForCausalLM. Logged as `moe_aux_loss` (the aux value, unscaled). Dense
+  models: (0, {}).
+  """
+  if not model_cfg.num_experts:
+    return 0.0, {}
+  a = aux["moe_aux_loss"]
+  coef = max(model_cfg.router_aux_loss_coef, 0.0)
+  return coef * a * weight, {"moe_aux_loss": (a * weight, weight)}
 
 
 def export_model(ctx: Context, trainable, out_dir: str, meta: dict, *,

@@ -23,17 +23,18 @@ def make_objective(model_cfg: config_lib.ModelConfig, *, adapters=None, constrai
 
   def objective(trainable, frozen, batch, rng):
     params = base.model_params(trainable, frozen, adapters, rng)
-    h = base.hidden(model_cfg, params, batch, constrain)
+    h, aux = base.hidden(model_cfg, params, batch, constrain, return_aux=True)
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     tokens = jnp.sum(mask)
     nll_sum, nll = head.nll_sum(model_cfg, params, h, batch["targets"], mask)
-    metrics = {"loss": (nll_sum, tokens)}
+    aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, tokens)  # MoE load balancing
+    metrics = {"loss": (nll_sum, tokens), **aux_metrics}
     if nll is not None and num_sources > 1 and "source_ids" in batch:
       src = batch["source_ids"]
       for s in range(num_sources):
         sel = (src == s).astype(jnp.float32) * mask
         metrics[f"loss/source{s}"] = (jnp.sum(nll * sel), jnp.sum(sel))
-    return nll_sum, (tokens, metrics)
+    return nll_sum + aux_sum, (tokens, metrics)
 
   return objective
 

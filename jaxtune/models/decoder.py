@@ -38,6 +38,7 @@ from jaxtune import tree
 from jaxtune.models import cache as cache_lib
 from jaxtune.models import head
 from jaxtune.models import layers
+from jaxtune.models import moe
 from jaxtune.models import virtual_tokens
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -69,6 +70,9 @@ def _shapes(cfg: config_lib.ModelConfig) -> dict:
     s["layers/self_attn/k_norm/scale"] = ((L, Dh), ("layers", "head_dim"), "ones")
   if not cfg.tie_word_embeddings:
     s["lm_head/kernel"] = ((D, V), ("embed", "vocab"), D)
+  if moe.is_moe(cfg):  # Mixtral / Qwen3-MoE: router + experts (+ dense MLPs of mixed models)
+    s = {p: v for p, v in s.items() if not p.startswith("layers/mlp/")}
+    s.update(moe.shapes(cfg))
   return s
 
 
@@ -136,6 +140,9 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
            n_virtual=0):
   """One decoder layer. x [B, T, D] -> (x [B, T, D], kv).
 
+  Without a cache (kv=None) the second output is the layer's MoE router stats instead
+  (`moe.mlp`; None for a dense MLP), which `hidden_states` turns into the aux loss.
+
   kv: None (training, scoring), or this layer's `cache.Layer` (sampling): attention then
   stores this call's keys and values in the cache and reads the cached ones; the updated
   view is returned. n_virtual: leading virtual tokens (prompt tuning, `virtual_tokens`).
@@ -173,16 +180,24 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
 
   mlp_p = layer["mlp"]
   h = layers.rms_norm(x, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
-  g = layers.swiglu(lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
-  g = constrain(g, ("batch", "seq", "act_mlp"))
-  x = x + lin(g, mlp_p["down_proj"])
+  if "experts" in mlp_p:  # Mixtral / Qwen3-MoE (models/moe.py)
+    m, stats = moe.mlp(cfg, h, mlp_p, mask=None if segment_ids is None else segment_ids > 0)
+    kv = stats if kv is None else kv
+  else:
+    g = layers.swiglu(lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
+    g = constrain(g, ("batch", "seq", "act_mlp"))
+    m = lin(g, mlp_p["down_proj"])
+  x = x + m
   return constrain(x, ("batch", "seq", "act_embed")), kv
 
 
 def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                  constrain=None) -> jax.Array:
+                  constrain=None, return_aux: bool = False):
   """Final-normed hidden states [B, T, D] (compute dtype) for tokens [B, T] int32.
+
+  return_aux: return (h, {"moe_aux_loss": []}), the MoE load-balancing loss over the
+  non-padding tokens (`moe.aux_loss`; 0 for a dense model).
 
   positions [B, T] default to 0..T-1; segment_ids [B, T] (0 = padding) make attention
   block-diagonal for packed rows. `constrain(x, logical_axes)` adds sharding constraints.
@@ -203,18 +218,22 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   inv_freq = layers.rope_inv_freq(cfg)
 
   def body(carry, layer):
-    y, _ = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
+    y, stats = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
                   inv_freq=inv_freq, constrain=constrain, n_virtual=n_virtual)
-    return y, None
+    return y, stats  # stats: the MoE router stats, or None
 
-  body = _remat(body, cfg.remat, scanned=cfg.scan_layers)
-  if cfg.scan_layers:
-    x, _ = jax.lax.scan(body, x, params["layers"])
+  scan = cfg.scan_layers and not moe.is_mixed(cfg)  # mixed MoE / dense layers: unrolled
+  body = _remat(body, cfg.remat, scanned=scan)
+  if scan:
+    x, stats = jax.lax.scan(body, x, params["layers"])
   else:
+    per_layer = []
     for i in range(cfg.num_layers):
-      layer = jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"])
-      x, _ = body(x, layer)
-  return head.final_norm(cfg, params, x[:, n_virtual:])  # the real tokens' states only
+      x, st = body(x, moe.layer_slice(cfg, params["layers"], i))
+      per_layer += [st] if st is not None else []
+    stats = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer) if per_layer else None
+  h = head.final_norm(cfg, params, x[:, n_virtual:])  # the real tokens' states only
+  return (h, {"moe_aux_loss": moe.aux_loss(cfg, stats)}) if return_aux else h
 
 
 def split_layers(cfg: config_lib.ModelConfig, stacked: dict) -> tuple:
@@ -222,8 +241,7 @@ def split_layers(cfg: config_lib.ModelConfig, stacked: dict) -> tuple:
 
   The sampler slices them once, outside its decode loop, so that unrolled layers
   (`scan_layers=False`) do not re-slice every weight at every token."""
-  return tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], stacked)
-               for i in range(cfg.num_layers))
+  return tuple(moe.layer_slice(cfg, stacked, i) for i in range(cfg.num_layers))
 
 
 def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
@@ -258,7 +276,7 @@ def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.
   def view(k, v, i=None):
     return cache_lib.Layer(k, v, kv.pos, slot, i, prefill=prefill, gapless=gapless)
 
-  if cfg.scan_layers:
+  if cfg.scan_layers and not moe.is_mixed(cfg):
     def body(carry, xs):
       x, k, v = carry
       layer, i = xs

@@ -28,11 +28,15 @@ import jax
 
 from jaxtune.peft import lora_kernel
 
-# Projections a LoRA factor pair can attach to: {parent module: projection names}.
+# Projections a LoRA factor pair can attach to: {parent module: projection names}. The
+# MoE experts (models/moe.py) are kernels [L, E, in, out] with factors a [L, E, in, r],
+# b [L, E, r, out]: one LoRA per expert, PEFT's `target_parameters` layout.
 SUPPORTED = {
     "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "mlp/experts": ("gate_up_proj", "down_proj"),
 }
+EXPERT_PARENT = "mlp/experts"
 SUPPORTED_KERNELS = tuple(f"layers/{parent}/{name}/kernel"
                           for parent, names in SUPPORTED.items() for name in names)
 SUPPORTED_NAMES = tuple(n for names in SUPPORTED.values() for n in names)
@@ -89,15 +93,23 @@ def modules(params: dict) -> dict[str, dict]:
       raise ValueError(f"adapter tree: unexpected top-level key {top!r} (expected 'layers')")
     for parent, projs in layers.items():
       for name, ab in projs.items():
-        path = f"layers/{parent}/{name}"
-        if parent not in SUPPORTED or name not in SUPPORTED[parent]:
-          raise ValueError(f"adapter tree: {path} is not a supported projection "
-                           f"(supported: {', '.join(SUPPORTED_KERNELS)})")
-        if not isinstance(ab, dict) or set(ab) != {"a", "b"}:
-          got = sorted(ab) if isinstance(ab, dict) else type(ab).__name__
-          raise ValueError(f"adapter tree: {path} must hold exactly 'a' and 'b', got {got}")
-        out[path] = ab
+        if parent == "mlp" and name == "experts" and isinstance(ab, dict):  # MoE experts
+          out.update(_module(f"layers/{EXPERT_PARENT}/{n}", EXPERT_PARENT, n, x)
+                     for n, x in ab.items())
+        else:
+          out.update([_module(f"layers/{parent}/{name}", parent, name, ab)])
   return out
+
+
+def _module(path: str, parent: str, name: str, ab) -> tuple[str, dict]:
+  """(path, ab) of one adapter module, checked (errors name the path)."""
+  if parent not in SUPPORTED or name not in SUPPORTED[parent]:
+    raise ValueError(f"adapter tree: {path} is not a supported projection "
+                     f"(supported: {', '.join(SUPPORTED_KERNELS)})")
+  if not isinstance(ab, dict) or set(ab) != {"a", "b"}:
+    got = sorted(ab) if isinstance(ab, dict) else type(ab).__name__
+    raise ValueError(f"adapter tree: {path} must hold exactly 'a' and 'b', got {got}")
+  return path, ab
 
 
 def apply(adapters: Adapters, params: dict, rng: jax.Array | None = None) -> dict:
@@ -134,6 +146,9 @@ def apply(adapters: Adapters, params: dict, rng: jax.Array | None = None) -> dic
       raise ValueError(f"adapters.apply: {kpath} has shape {tuple(w.shape)}, but a "
                        f"{tuple(a.shape)} @ b {tuple(b.shape)} gives {ab_shape}")
     key = None
+    if use_dropout and EXPERT_PARENT in path:
+      raise ValueError(f"adapters.apply: LoRA dropout on MoE experts ({path}) is not "
+                       "supported (PEFT's expert LoRA has none either); set peft.dropout=0")
     if use_dropout:
       key = _dropout_keys(rng, a.shape, SUPPORTED_NAMES.index(proj), kpath)
     node["kernel"] = lora_kernel.LoraKernel(w=w, a=a, b=b, key=key, scale=adapters.scale,

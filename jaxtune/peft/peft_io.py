@@ -41,7 +41,9 @@ from jaxtune import tree
 from jaxtune.hf import io
 from jaxtune.hf import keys
 from jaxtune.models import decoder
+from jaxtune.models import moe
 from jaxtune.peft import adapters as adapters_lib
+from jaxtune.peft import expert_io
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 CONFIG_FILE = "adapter_config.json"
@@ -50,7 +52,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 # adapter_config.json fields read here, and fields that never change the forward.
 _HANDLED = {"peft_type", "task_type", "r", "lora_alpha", "use_rslora", "target_modules",
-            "lora_dropout", "bias"}
+            "lora_dropout", "bias", "target_parameters"}
 _IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_weights",
             "auto_mapping", "peft_version", "loftq_config", "eva_config", "corda_config",
             "lora_ga_config", "megatron_core", "qalora_group_size", "layers_pattern",
@@ -98,6 +100,7 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
   shapes = decoder.shapes(cfg)
   tensors: dict[str, np.ndarray] = {}
   names = set()
+  experts = {}  # MoE expert LoRA: PEFT's target_parameters (expert_io.py)
   for module, ab in sorted(adapters_lib.modules(adapters.params).items()):
     a, b = host(ab["a"], dtype), host(ab["b"], dtype)  # [L, in, r], [L, r, out]
     want = shapes[module + "/kernel"]
@@ -105,11 +108,15 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
     if a.shape != (*want[:-1], r) or b.shape != (*want[:-2], r, want[-1]):
       raise ValueError(f"save_peft: {module} has a {a.shape}, b {b.shape}; expected "
                        f"{(*want[:-1], r)} and {(*want[:-2], r, want[-1])} (rank {r})")
+    if expert_io.is_expert(module):
+      experts[module] = (a, b)
+      continue
     stem = PREFIX + templates[module]
-    for i in range(cfg.num_layers):
-      tensors[stem.format(i=i) + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
-      tensors[stem.format(i=i) + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
+    for j, i in enumerate(moe.layer_ids(cfg, module + "/kernel")):
+      tensors[stem.format(i=i) + ".lora_A.weight"] = np.ascontiguousarray(a[j].T)  # [r, in]
+      tensors[stem.format(i=i) + ".lora_B.weight"] = np.ascontiguousarray(b[j].T)  # [out, r]
     names.add(module.rsplit("/", 1)[1])
+  tensors.update(expert_io.write(cfg, experts, adapters.rank, PREFIX))
   peft_config = {
       "peft_type": "LORA",
       "task_type": "CAUSAL_LM",
@@ -117,6 +124,7 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
       "lora_alpha": _json_number(adapters.alpha),
       "use_rslora": bool(adapters.rslora),
       "target_modules": sorted(names),
+      "target_parameters": expert_io.target_parameters(experts) or None,
       "lora_dropout": float(adapters.dropout),
       "bias": "none",
       "fan_in_fan_out": False,
@@ -213,7 +221,8 @@ def weights_file(adapter_dir: str) -> str:
 
 
 def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[str, ...],
-                       want, *, kind: str, detail: str = "") -> dict[str, dict[str, np.ndarray]]:
+                       want, *, kind: str, detail: str = "",
+                       skip: frozenset = frozenset()) -> dict[str, dict[str, np.ndarray]]:
   """{module: {suffix: float32 [L, ...]}} of per-layer PEFT tensors, strictly checked.
 
   Tensor names are PREFIX + the module's HF template + "." + suffix, e.g.
@@ -221,6 +230,7 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
   suffix, n_in, n_out)` is the expected per-layer shape (torch layout, as stored). Every
   tensor must be understood; a module with any tensor must have all suffixes in every layer.
   kind names the adapter type in errors ("LoRA"); detail is appended to shape errors.
+  Names in `skip` are read by the caller (MoE expert LoRA, `expert_io`).
   """
   shapes = decoder.shapes(cfg)
   templates = module_templates(cfg)
@@ -232,6 +242,8 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
   found: dict[str, dict[tuple[int, str], str]] = {}
   unknown = {}
   for name in handle.keys():
+    if name in skip:
+      continue
     for module, rx in patterns.items():
       m = rx.fullmatch(name)
       if m and int(m.group(1)) < cfg.num_layers:
@@ -243,22 +255,23 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
     listed = ", ".join(f"{k} {list(s)}" for k, s in sorted(unknown.items())[:8])
     raise ValueError(f"{wpath}: {len(unknown)} tensor(s) not understood for a "
                      f"{cfg.num_layers}-layer {cfg.family} {kind} adapter: {listed}")
-  if not found:
+  if not found and not skip:
     raise ValueError(f"{wpath}: no {kind} tensors")
   out = {}
   for module, names in sorted(found.items()):
     *_, n_in, n_out = shapes[module + "/kernel"]
     stem = PREFIX + templates[module]
     shape = {sfx: tuple(want(module, sfx, n_in, n_out)) for sfx in suffixes}
+    ids = moe.layer_ids(cfg, module + "/kernel")  # a mixed MoE model's dense MLPs: some
     missing = [f"{stem.format(i=i)}.{sfx} (expected {list(shape[sfx])})"
-               for i in range(cfg.num_layers) for sfx in suffixes if (i, sfx) not in names]
+               for i in ids for sfx in suffixes if (i, sfx) not in names]
     if missing:
       raise ValueError(f"{wpath}: {len(missing)} missing tensor(s) (jaxtune adapts every "
                        f"layer of a module): {', '.join(missing[:8])}")
     out[module] = {}
     for sfx in suffixes:
       per_layer = []
-      for i in range(cfg.num_layers):
+      for i in ids:
         t = handle.get_tensor(names[(i, sfx)])
         if tuple(t.shape) != shape[sfx]:
           raise ValueError(f"{wpath}: tensor {names[(i, sfx)]} has shape {list(t.shape)}, "
@@ -279,18 +292,28 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
   wpath = weights_file(adapter_dir)
   check_config(pc, os.path.join(adapter_dir, CONFIG_FILE), dora=dora)
   rank = int(pc["r"])
+  source = os.path.join(adapter_dir, CONFIG_FILE)
+  experts = expert_io.modules_for(cfg, pc.get("target_parameters"), source)
+  if experts and dora:
+    raise ValueError(f"{source}: DoRA on MoE experts (target_parameters) is not supported")
+  skip = frozenset(expert_io.names(cfg, experts, PREFIX))
   want = {"lora_A.weight": lambda n_in, n_out: (rank, n_in),
           "lora_B.weight": lambda n_in, n_out: (n_out, rank),
           "lora_magnitude_vector": lambda n_in, n_out: (n_out,)}
   suffixes = tuple(want)[:3 if dora else 2]
   raw = read_layer_tensors(cfg, wpath, suffixes, lambda _, sfx, i, o: want[sfx](i, o),
-                           kind="DoRA" if dora else "LoRA", detail=f"r={rank}, ")
+                           kind="DoRA" if dora else "LoRA", detail=f"r={rank}, ", skip=skip)
   out = {}
   for module, t in raw.items():
     out[module] = {"a": t["lora_A.weight"].transpose(0, 2, 1),  # [L, in, r]
                    "b": t["lora_B.weight"].transpose(0, 2, 1)}  # [L, r, out]
     if dora:
       out[module]["m"] = t["lora_magnitude_vector"]  # [L, out]
+  if experts:
+    handle = safetensors.safe_open(wpath, framework="np")
+    present = set(handle.keys())
+    out.update(expert_io.read(cfg, lambda n: handle.get_tensor(n) if n in present else None,
+                              experts, rank, PREFIX, wpath))
   return pc, out
 
 

@@ -43,8 +43,9 @@ from jaxtune.hf import io
 from jaxtune.models import decoder
 from jaxtune.peft import lora
 
-# The base kernels QLoRA quantizes: every attention and MLP projection (fully matched).
-PROJECTIONS = r"layers/(self_attn|mlp)/\w+_proj/kernel"
+# The base kernels QLoRA quantizes: every attention and MLP projection and the MoE experts
+# (fully matched); MoE routers (layers/mlp/gate/kernel) stay in full precision.
+PROJECTIONS = r"layers/(self_attn|mlp|mlp/experts)/\w+_proj/kernel"
 
 METHOD = lora.LoraMethod(name="qlora", quantized_base=True)
 

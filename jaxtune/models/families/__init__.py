@@ -15,8 +15,10 @@ from jaxtune import config as config_lib
 from jaxtune.models.families import base
 from jaxtune.models.families import llama
 from jaxtune.models.families import mistral
+from jaxtune.models.families import mixtral
 from jaxtune.models.families import qwen2
 from jaxtune.models.families import qwen3
+from jaxtune.models.families import qwen3_moe
 
 Family = base.Family
 Row = base.Row
@@ -26,6 +28,8 @@ FAMILIES: dict[str, base.Family] = {
     "mistral": mistral.FAMILY,
     "qwen2": qwen2.FAMILY,
     "qwen3": qwen3.FAMILY,
+    "mixtral": mixtral.FAMILY,
+    "qwen3_moe": qwen3_moe.FAMILY,
 }
 
 

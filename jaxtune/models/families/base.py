@@ -29,6 +29,22 @@ Row = tuple[str, str, bool]
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertKeys:
+  """Where a MoE family's router and experts live in an HF checkpoint, one tensor per expert
+  (as the Hub stores them and transformers 5 writes them back; `jaxtune.hf.expert_keys`):
+
+      {prefix}.gate.weight                  [E, D]   router -> layers/mlp/gate/kernel
+      {prefix}.experts.{e}.{gate}.weight    [F, D]   fused on the output axis ->
+      {prefix}.experts.{e}.{up}.weight      [F, D]   layers/mlp/experts/gate_up_proj/kernel
+      {prefix}.experts.{e}.{down}.weight    [D, F]   -> layers/mlp/experts/down_proj/kernel
+  """
+  prefix: str = "model.layers.{i}.mlp"
+  gate: str = "gate_proj"
+  up: str = "up_proj"
+  down: str = "down_proj"
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
   """One model family.
 
@@ -45,6 +61,7 @@ class Family:
     from_hf: (config.json dict, base ModelConfig, source) -> ModelConfig with the
       architecture fields read from the dict and the compute options kept from base.
     to_hf: (ModelConfig, dtype name) -> config.json dict that transformers loads.
+    experts: the MoE families' expert key layout (`ExpertKeys`); None for dense families.
   """
   name: str
   model_types: tuple[str, ...]
@@ -54,3 +71,4 @@ class Family:
   block: Mapping[str, Any] = dataclasses.field(hash=False)
   from_hf: Callable[[dict[str, Any], config_lib.ModelConfig, str], config_lib.ModelConfig]
   to_hf: Callable[[config_lib.ModelConfig, str], dict[str, Any]]
+  experts: ExpertKeys | None = None

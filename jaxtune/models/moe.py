@@ -1,0 +1,198 @@
+"""Mixture-of-experts MLP blocks (Mixtral, Qwen3-MoE): router, grouped expert matmuls, aux loss.
+
+A MoE layer replaces the dense SwiGLU MLP with E expert MLPs and a linear router. Each token
+picks its top-k experts from a float32 softmax over the router logits; the k weights are
+renormalised to sum to one (always for Mixtral, with `norm_topk_prob` for Qwen3-MoE). The
+experts run as two grouped matmuls (`jax.lax.ragged_dot`) over the N*k (token, expert)
+pairs sorted by expert, so every expert multiplies exactly its own rows: no Python loop over
+experts and no dense all-experts product.
+
+Params of a MoE layer (Lm MoE layers, E experts, D hidden, F expert width), named after the
+`transformers` 5 modules so that PEFT's `target_parameters` names line up:
+
+    "mlp": {"gate": {"kernel": [Lm, D, E]},                              # router
+            "experts": {"gate_up_proj": {"kernel": [Lm, E, D, 2F]},      # [gate | up]
+                        "down_proj": {"kernel": [Lm, E, F, D]}}}
+
+Qwen3-MoE may mix in dense layers (`mlp_only_layers`, `decoder_sparse_step`; here
+`ModelConfig.dense_layers`): their MLP keeps the dense names with its own leading axis,
+"mlp": {"gate_proj": {"kernel": [Ld, D, F']}, ...}, and such a model runs its layers
+unrolled (`layer_slice` hands each layer its own slice).
+
+The load-balancing loss is `transformers`' `load_balancing_loss_func`: over every MoE layer
+and every non-padding token, E * sum_e f_e * P_e, where f_e is the fraction of top-k
+assignments to expert e and P_e the mean router probability of e (both pooled over layers).
+Each layer returns the three sums it needs (`stats`), and `aux_loss` combines them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxtune import config as config_lib
+from jaxtune import quant
+from jaxtune.models import layers
+
+# The param names of a MoE layer's MLP, and of a dense one in a mixed model.
+MOE_NAMES = ("gate", "experts")
+DENSE_NAMES = ("gate_proj", "up_proj", "down_proj")
+STATS = ("moe_counts", "moe_probs", "moe_rows")
+
+
+def is_moe(cfg: config_lib.ModelConfig) -> bool:
+  return cfg.num_experts > 0
+
+
+def expert_width(cfg: config_lib.ModelConfig) -> int:
+  """F of one expert: moe_intermediate_size, or intermediate_size (Mixtral)."""
+  return cfg.moe_intermediate_size or cfg.intermediate_size
+
+
+def moe_layers(cfg: config_lib.ModelConfig) -> tuple[int, ...]:
+  """The layer indices whose MLP is a MoE block (all layers of a dense model: none)."""
+  if not is_moe(cfg):
+    return ()
+  dense = set(cfg.dense_layers)
+  return tuple(i for i in range(cfg.num_layers) if i not in dense)
+
+
+def dense_layers(cfg: config_lib.ModelConfig) -> tuple[int, ...]:
+  """The layer indices with a dense MLP."""
+  moe = set(moe_layers(cfg))
+  return tuple(i for i in range(cfg.num_layers) if i not in moe)
+
+
+def is_mixed(cfg: config_lib.ModelConfig) -> bool:
+  """True when MoE and dense layers alternate: the layers then run unrolled."""
+  return is_moe(cfg) and bool(dense_layers(cfg))
+
+
+def layer_ids(cfg: config_lib.ModelConfig, path: str) -> tuple[int, ...]:
+  """The HF layer indices stacked on the leading axis of the layer param at `path`."""
+  if is_moe(cfg) and path.startswith("layers/mlp/"):
+    name = path.split("/")[2]
+    return moe_layers(cfg) if name in MOE_NAMES else dense_layers(cfg)
+  return tuple(range(cfg.num_layers))
+
+
+def check(cfg: config_lib.ModelConfig) -> None:
+  """ConfigError naming the model.* field for an impossible MoE config."""
+  if not is_moe(cfg):
+    return
+  if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+    raise config_lib.ConfigError(
+        f"bad value for model.num_experts_per_tok: {cfg.num_experts_per_tok} "
+        f"(expected 1..num_experts={cfg.num_experts})")
+  bad = [i for i in cfg.dense_layers if not 0 <= i < cfg.num_layers]
+  if bad:
+    raise config_lib.ConfigError(f"bad value for model.dense_layers: {bad} are not layers "
+                                 f"of a {cfg.num_layers}-layer model")
+
+
+def shapes(cfg: config_lib.ModelConfig) -> dict:
+  """(shape, logical axes, init) of the MLP params of a MoE model, by param path."""
+  check(cfg)
+  D, E, F = cfg.hidden_size, cfg.num_experts, expert_width(cfg)
+  lm, ld = len(moe_layers(cfg)), len(dense_layers(cfg))
+  s = {
+      "layers/mlp/gate/kernel": ((lm, D, E), ("layers", "embed", None), D),
+      "layers/mlp/experts/gate_up_proj/kernel": (
+          (lm, E, D, 2 * F), ("layers", "expert", "embed", "expert_mlp"), D),
+      "layers/mlp/experts/down_proj/kernel": (
+          (lm, E, F, D), ("layers", "expert", "expert_mlp", "embed"), F),
+  }
+  if ld:
+    Fd = cfg.intermediate_size
+    s["layers/mlp/gate_proj/kernel"] = ((ld, D, Fd), ("layers", "embed", "mlp"), D)
+    s["layers/mlp/up_proj/kernel"] = ((ld, D, Fd), ("layers", "embed", "mlp"), D)
+    s["layers/mlp/down_proj/kernel"] = ((ld, Fd, D), ("layers", "mlp", "embed"), Fd)
+  return s
+
+
+def layer_slice(cfg: config_lib.ModelConfig, stacked: dict, i: int) -> dict:
+  """Layer i's params from the stacked layer tree (any leaf type).
+
+  In a mixed model the MLP subtree of layer i comes from the MoE stack (its position among
+  the MoE layers) or from the dense stack; every other subtree is indexed by i.
+  """
+  take = lambda tree, j: jax.tree_util.tree_map(lambda a: a[j], tree)
+  if not is_mixed(cfg):
+    return take(stacked, i)
+  out = take({k: v for k, v in stacked.items() if k != "mlp"}, i)
+  mlp = stacked["mlp"]
+  moe = moe_layers(cfg)
+  if i in moe:
+    out["mlp"] = take({k: mlp[k] for k in MOE_NAMES}, moe.index(i))
+  else:
+    out["mlp"] = take({k: mlp[k] for k in DENSE_NAMES}, dense_layers(cfg).index(i))
+  return out
+
+
+def ragged_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+  """Rows x [M, in] sorted by expert @ w [E, in, out] -> [M, out]; expert e takes the next
+  group_sizes[e] rows. w: dense, a 4-bit `quant.QArray` (dequantised for the layer), or an
+  adapter leaf with a `ragged_linear(x, group_sizes)` method (expert LoRA)."""
+  if isinstance(w, quant.QArray):
+    w = quant.dequantize(w)
+  elif callable(getattr(w, "ragged_linear", None)):
+    return w.ragged_linear(x, group_sizes)
+  elif not hasattr(w, "dtype"):
+    raise TypeError(f"MoE experts: {type(w).__name__} kernels cannot run as grouped matmuls "
+                    "(supported: dense, 4-bit QArray, LoRA)")
+  return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def route(cfg: config_lib.ModelConfig, x: jax.Array, router) -> tuple:
+  """x [N, D] -> (probs [N, E] f32, top-k weights [N, k] in x.dtype, top-k experts [N, k])."""
+  logits = layers.linear(x, router)  # [N, E], x's dtype as transformers' F.linear
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  top_w, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+  if cfg.norm_topk_prob:
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+  return probs, top_w.astype(x.dtype), top_i
+
+
+def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
+        mask: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The MoE MLP: h [B, T, D] -> (y [B, T, D], router stats for `aux_loss`).
+
+  mask [B, T] (1 = a real token, 0 = padding) only weighs the stats, as transformers'
+  attention_mask does; every token is routed.
+  """
+  b, t, d = h.shape
+  k, e = cfg.num_experts_per_tok, cfg.num_experts
+  x = h.reshape(b * t, d)  # [N, D]
+  probs, top_w, top_i = route(cfg, x, p["gate"]["kernel"])
+  flat_e = top_i.reshape(-1)  # [N*k] expert of each (token, slot) pair
+  order = jnp.argsort(flat_e, stable=True)  # pairs sorted by expert
+  xs = jnp.take(x, order // k, axis=0)  # [N*k, D]
+  group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)  # [E]
+  experts = p["experts"]
+  gu = ragged_linear(xs, experts["gate_up_proj"]["kernel"], group_sizes)  # [N*k, 2F]
+  gate, up = jnp.split(gu, 2, axis=-1)
+  ys = ragged_linear(layers.swiglu(gate, up), experts["down_proj"]["kernel"], group_sizes)
+  inverse = jnp.argsort(order)  # back to (token, slot) order
+  ys = jnp.take(ys, inverse, axis=0).reshape(b * t, k, d)  # [N, k, D]
+  y = jnp.einsum("nkd,nk->nd", ys, top_w.astype(ys.dtype))
+  m = jnp.ones((b * t,), jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+  counts = jnp.einsum("nke,n->e", jax.nn.one_hot(top_i, e, dtype=jnp.float32), m)
+  stats = {"moe_counts": jax.lax.stop_gradient(counts),  # [E] top-k assignments
+           "moe_probs": jnp.einsum("ne,n->e", probs, m),  # [E] router probability sums
+           "moe_rows": jnp.sum(m)}  # [] tokens counted
+  return y.reshape(b, t, d).astype(h.dtype), stats
+
+
+def aux_loss(cfg: config_lib.ModelConfig, stats: dict) -> jax.Array:
+  """transformers' load_balancing_loss_func from per-layer stats ([L, E], [L, E], [L]).
+
+  E * sum_e (counts_e / rows) * (probs_e / rows), each pooled over the MoE layers; 0 for a
+  dense model or when no token was counted.
+  """
+  if not is_moe(cfg) or not stats:
+    return jnp.zeros((), jnp.float32)
+  rows = jnp.sum(stats["moe_rows"])
+  safe = jnp.maximum(rows, 1.0)
+  counts = jnp.sum(stats["moe_counts"].reshape(-1, cfg.num_experts), axis=0) / safe
+  probs = jnp.sum(stats["moe_probs"].reshape(-1, cfg.num_experts), axis=0) / safe
+  return jnp.where(rows > 0, cfg.num_experts * jnp.sum(counts * probs), 0.0)
