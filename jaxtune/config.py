@@ -33,11 +33,14 @@ ConfigError = config_tree.ConfigError  # a bad key or value; the message names t
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Rope frequency scaling. kind: 'none', 'llama3' (Llama 3.1/3.2), 'linear'."""
-  kind: str = "none"  # none | llama3 (Llama 3.1/3.2) | linear
+  kind: str = "none"  # none | llama3 (Llama 3.1/3.2) | linear | longrope (Phi-3)
   factor: float = 1.0  # context extension factor (llama3, linear)
   low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are scaled
   high_freq_factor: float = 4.0  # llama3: wavelengths below original/high are kept
-  original_max_position_embeddings: int = 8192  # llama3: the pre-extension context
+  original_max_position_embeddings: int = 8192  # llama3, longrope: the pre-extension context
+  short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to the original
+  long_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors beyond it
+  attention_factor: float = 1.0  # longrope: cos and sin are scaled by this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,18 @@ class ModelConfig:
   # Load-balancing loss weight added to the objective; -1 = config.json's (0 if random).
   router_aux_loss_coef: float = -1.0
   dense_layers: tuple[int, ...] = ()  # layers with a dense MLP in a MoE model (Qwen3-MoE)
+  # Gemma / Phi-3 block options (set by the family from config.json).
+  hidden_act: str = "silu"  # gated MLP: silu (SwiGLU) | gelu_pytorch_tanh (GeGLU, Gemma)
+  norm_one_plus: bool = False  # every RMSNorm scales by (1 + w) (Gemma); params hold w
+  sandwich_norms: bool = False  # norms after attention and around the MLP (Gemma 2/3)
+  embed_scale: bool = False  # embeddings * sqrt(hidden_size) in the compute dtype (Gemma)
+  query_pre_attn_scalar: float = 0.0  # >0: attention scale this ** -0.5, else head_dim's
+  attn_logit_softcap: float = 0.0  # >0: scores = cap * tanh(scores / cap) (Gemma 2)
+  # Per layer 'sliding_attention' | 'full_attention' (Gemma 2/3); () = every layer alike
+  # (windowed iff sliding_window > 0).
+  layer_types: tuple[str, ...] = ()
+  rope_local_theta: float = 0.0  # >0: rope base of sliding layers, unscaled (Gemma 3)
+  partial_rotary_factor: float = 1.0  # rotary on the first head_dim * this dims (Phi-3)
   bos_token_id: int = -1  # -1 = none (random init: the tokenizer's)
   eos_token_id: tuple[int, ...] = ()
   pad_token_id: int = -1  # -1 = none (random init: the tokenizer's)
@@ -81,7 +96,7 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params (and master weights)
   remat: str = "none"  # none | full | dots | dots_no_batch | offload
-  attention: str = "auto"  # auto | xla | cudnn | pallas (GPU flash kernel, packed segments)
+  attention: str = "auto"  # auto | xla | cudnn | pallas | splash (models/attention.py)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
   logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens
 
@@ -93,6 +108,14 @@ class ModelConfig:
   def kv_size(self) -> int:
     return self.num_kv_heads * self.head_dim
 
+  @property
+  def layer_windows(self) -> tuple[int, ...]:
+    """The attention window of each layer (0 = full): `layer_types` or uniform."""
+    if not self.layer_types:
+      return (self.sliding_window,) * self.num_layers
+    return tuple(self.sliding_window if t == "sliding_attention" else 0
+                 for t in self.layer_types)
+
   def num_params(self, *, include_embed: bool = True) -> int:
     d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
     attn = d * self.q_size * 2 + d * self.kv_size * 2
@@ -100,7 +123,7 @@ class ModelConfig:
       attn += self.q_size + 2 * self.kv_size
     if self.qk_norm:
       attn += 2 * self.head_dim
-    per_layer = attn + 3 * d * f + 2 * d
+    per_layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d
     n = l * per_layer + d
     if include_embed:
       n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)

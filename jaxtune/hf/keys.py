@@ -8,6 +8,13 @@ read backwards is the export, so import followed by export is bit-identical.
 
     >>> to_params(cfg, {"model.layers.0.mlp.up_proj.weight": w0, ...})["layers/mlp/up_proj/kernel"]
     np.stack([w0.T, w1.T, ...])                      # [L, D, F]
+
+A row whose path is a tuple of paths is a fused HF tensor (Phi-3's `qkv_proj`,
+`gate_up_proj`): its HF weight is the parts concatenated along the output dim, so import
+splits it at the parts' widths and export concatenates them again (bit-identical):
+
+    ("model.layers.{i}.mlp.gate_up_proj.weight",
+     ("layers/mlp/gate_proj/kernel", "layers/mlp/up_proj/kernel"), True)
 """
 
 from __future__ import annotations
@@ -28,10 +35,21 @@ Row = families.Row
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def parts(path) -> tuple[str, ...]:
+  """The param paths of a row's path entry: itself, or the parts of a fused tensor."""
+  return path if isinstance(path, tuple) else (path,)
+
+
+def _shape(shapes: dict, path) -> tuple[int, ...]:
+  """The (jaxtune-layout) shape of a row's param, parts concatenated on the last axis."""
+  ps = [shapes[p] for p in parts(path)]
+  return (*ps[0][:-1], sum(s[-1] for s in ps))
+
+
 def rows(cfg: config_lib.ModelConfig) -> list[Row]:
   """The family's rows restricted to the params this config has (e.g. no lm_head if tied)."""
   have = decoder.shapes(cfg)
-  return [r for r in families.get(cfg.family).rows if r[1] in have]
+  return [r for r in families.get(cfg.family).rows if all(p in have for p in parts(r[1]))]
 
 
 def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -39,10 +57,10 @@ def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   shapes = decoder.shapes(cfg)
   out = {}
   for template, path, transpose in rows(cfg):
-    shape = shapes[path]
+    shape = _shape(shapes, path)
     if "{i}" in template:
       shape = shape[1:]
-      for i in moe.layer_ids(cfg, path):
+      for i in moe.layer_ids(cfg, parts(path)[0]):
         out[template.format(i=i)] = tuple(reversed(shape)) if transpose else shape
     else:
       out[template] = tuple(reversed(shape)) if transpose else shape
@@ -83,18 +101,27 @@ def to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray],
   One param at a time keeps peak host memory at one stacked weight plus the model.
   """
   wanted = set(paths) if paths is not None else None
+  shapes = decoder.shapes(cfg)
   for template, path, transpose in rows(cfg):
-    if wanted is not None and path not in wanted:
+    names = parts(path)
+    if wanted is not None and not wanted.intersection(names):
       continue
     if "{i}" in template:
-      parts = []
-      for i in moe.layer_ids(cfg, path):
+      layers_ = []
+      for i in moe.layer_ids(cfg, names[0]):
         t = get(template.format(i=i))
-        parts.append(t.T if transpose else t)
-      yield path, np.stack(parts)
+        layers_.append(t.T if transpose else t)
+      x = np.stack(layers_)
     else:
       t = get(template)
-      yield path, (t.T if transpose else t)
+      x = t.T if transpose else t
+    if len(names) == 1:
+      yield path, x
+      continue
+    cuts = np.cumsum([shapes[p][-1] for p in names])[:-1]
+    for name, piece in zip(names, np.split(x, cuts, axis=-1)):
+      if wanted is None or name in wanted:
+        yield name, np.ascontiguousarray(piece)
   yield from expert_keys.to_params(cfg, get, wanted)
 
 
@@ -102,9 +129,13 @@ def to_hf(cfg: config_lib.ModelConfig, flat_params: dict[str, np.ndarray]) -> di
   """{HF key: array} from {param path: host array}; the exact inverse of `to_params`."""
   out = {}
   for template, path, transpose in rows(cfg):
-    x = flat_params[path]
+    names = parts(path)
+    if len(names) == 1:
+      x = flat_params[path]
+    else:
+      x = np.concatenate([np.asarray(flat_params[p]) for p in names], axis=-1)
     if "{i}" in template:
-      for j, i in enumerate(moe.layer_ids(cfg, path)):
+      for j, i in enumerate(moe.layer_ids(cfg, names[0])):
         out[template.format(i=i)] = np.ascontiguousarray(x[j].T if transpose else x[j])
     else:
       out[template] = np.ascontiguousarray(x.T if transpose else x)

@@ -57,8 +57,11 @@ jax.tree_util.register_dataclass(KVCache)
 
 def slots(cfg: config_lib.ModelConfig, total: int) -> int:
   """Slots to allocate for `total` = prompt columns + new tokens: all of them, or only the
-  window for a sliding-window model whose window is shorter (a ring of W slots)."""
-  if cfg.sliding_window and cfg.sliding_window < total:
+  window for a sliding-window model whose window is shorter (a ring of W slots). A model
+  with some global layers (Gemma 2/3) keeps every slot: its sliding layers mask the same
+  buffer by position."""
+  windows = set(cfg.layer_windows)
+  if len(windows) == 1 and cfg.sliding_window and cfg.sliding_window < total:
     return cfg.sliding_window
   return total
 
@@ -160,13 +163,15 @@ class Layer:
 
   def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, positions: jax.Array,
              impl: str, sliding_window: int = 0,
-             prefill_attention=None) -> tuple[jax.Array, "Layer"]:
+             prefill_attention=None, mesh=None, scale: float | None = None,
+             softcap: float = 0.0) -> tuple[jax.Array, "Layer"]:
     """Writes this call's k, v [B, T, K, Dh] and attends q [B, T, H, Dh] -> [B, T, H, Dh].
 
     Prefill: attention within the prompt (`prefill_attention()`, the decoder's own, with
     padding as segment 0), and the prompt's keys and values stored. Decode (T = 1): the
     token's k, v stored at `slot`, then attention over every slot whose position is
-    visible from positions [B, T].
+    visible from positions [B, T]. mesh: the decode kernel runs per device under it.
+    scale / softcap: the softmax scale and score soft-cap (`attention.cached_attention`).
     """
     kt = jnp.swapaxes(k, 1, 2)  # [B, K, T, Dh]
     vt = jnp.swapaxes(v, 1, 2)
@@ -182,18 +187,20 @@ class Layer:
     new = dataclasses.replace(self, k=self._write(self.k, kt, self.slot),
                               v=self._write(self.v, vt, self.slot))
     kc, vc = new._read(new.k), new._read(new.v)
-    pallas = attention_lib.decode_attention_impl(impl, q, self.pos.shape[-1], sliding_window)
+    pallas = attention_lib.decode_attention_impl(impl, q, self.pos.shape[-1], sliding_window,
+                                                 softcap)
     if self.gapless and pallas == "pallas":
       # No ring: a row's keys are the slots from its first prompt token to this one.
       start = jnp.argmax(self.pos >= 0, axis=-1).astype(jnp.int32)  # [B]
       end = jnp.broadcast_to(self.slot + 1, start.shape).astype(jnp.int32)
-      return attention_lib.pallas_decode_attention(q, kc, vc, start, end), new
+      return attention_lib.pallas_decode_attention(q, kc, vc, start, end, mesh=mesh,
+                                                   scale=scale), new
     kpos = self.pos[:, None, :]  # [B, 1, S]
     qpos = positions[:, :, None]  # [B, T, 1]
     mask = (kpos >= 0) & (kpos <= qpos)
     if sliding_window:
       mask &= (qpos - kpos) < sliding_window
-    return attention_lib.cached_attention(q, kc, vc, mask), new
+    return attention_lib.cached_attention(q, kc, vc, mask, scale=scale, softcap=softcap), new
 
 
 jax.tree_util.register_dataclass(Layer)

@@ -37,6 +37,7 @@ from jaxtune import config as config_lib
 from jaxtune import tree
 from jaxtune.models import cache as cache_lib
 from jaxtune.models import head
+from jaxtune.models import layer_pattern
 from jaxtune.models import layers
 from jaxtune.models import moe
 from jaxtune.models import virtual_tokens
@@ -48,26 +49,30 @@ def _shapes(cfg: config_lib.ModelConfig) -> dict:
   """(shape, logical axes, init) for every param path; the single source of the layout."""
   L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
   Q, KV, Dh = cfg.q_size, cfg.kv_size, cfg.head_dim
+  one = "zeros" if cfg.norm_one_plus else "ones"  # (1 + w) norms store w
   s = {
       "embed_tokens/embedding": ((V, D), ("vocab", "embed"), "embed"),
-      "layers/input_layernorm/scale": ((L, D), ("layers", "norm"), "ones"),
+      "layers/input_layernorm/scale": ((L, D), ("layers", "norm"), one),
       "layers/self_attn/q_proj/kernel": ((L, D, Q), ("layers", "embed", "q_heads"), D),
       "layers/self_attn/k_proj/kernel": ((L, D, KV), ("layers", "embed", "kv_heads"), D),
       "layers/self_attn/v_proj/kernel": ((L, D, KV), ("layers", "embed", "kv_heads"), D),
       "layers/self_attn/o_proj/kernel": ((L, Q, D), ("layers", "q_heads", "embed"), Q),
-      "layers/post_attention_layernorm/scale": ((L, D), ("layers", "norm"), "ones"),
+      "layers/post_attention_layernorm/scale": ((L, D), ("layers", "norm"), one),
       "layers/mlp/gate_proj/kernel": ((L, D, F), ("layers", "embed", "mlp"), D),
       "layers/mlp/up_proj/kernel": ((L, D, F), ("layers", "embed", "mlp"), D),
       "layers/mlp/down_proj/kernel": ((L, F, D), ("layers", "mlp", "embed"), F),
-      "norm/scale": ((D,), ("norm",), "ones"),
+      "norm/scale": ((D,), ("norm",), one),
   }
+  if cfg.sandwich_norms:  # Gemma 2/3: post_attention_layernorm then normalises attn output
+    s["layers/pre_feedforward_layernorm/scale"] = ((L, D), ("layers", "norm"), one)
+    s["layers/post_feedforward_layernorm/scale"] = ((L, D), ("layers", "norm"), one)
   if cfg.attention_bias:
     s["layers/self_attn/q_proj/bias"] = ((L, Q), ("layers", "q_heads"), "zeros")
     s["layers/self_attn/k_proj/bias"] = ((L, KV), ("layers", "kv_heads"), "zeros")
     s["layers/self_attn/v_proj/bias"] = ((L, KV), ("layers", "kv_heads"), "zeros")
   if cfg.qk_norm:
-    s["layers/self_attn/q_norm/scale"] = ((L, Dh), ("layers", "head_dim"), "ones")
-    s["layers/self_attn/k_norm/scale"] = ((L, Dh), ("layers", "head_dim"), "ones")
+    s["layers/self_attn/q_norm/scale"] = ((L, Dh), ("layers", "head_dim"), one)
+    s["layers/self_attn/k_norm/scale"] = ((L, Dh), ("layers", "head_dim"), one)
   if not cfg.tie_word_embeddings:
     s["lm_head/kernel"] = ((D, V), ("embed", "vocab"), D)
   if moe.is_moe(cfg):  # Mixtral / Qwen3-MoE: router + experts (+ dense MLPs of mixed models)
@@ -128,16 +133,19 @@ PREFIX_EMBEDDINGS = virtual_tokens.PREFIX_EMBEDDINGS
 _prepend_virtual = virtual_tokens.prepend
 
 
-def _attention(cfg, q, k, v, *, segment_ids, positions, n_virtual, prefix=None):
+def _attention(cfg, q, k, v, *, segment_ids, positions, n_virtual, prefix=None, window=0,
+               mesh=None):
   """`attention.attention` with virtual tokens (`virtual_tokens.attention`): an embedding
   prefix of n_virtual tokens, or a layer's KV prefix (key, value) [P, K*Dh]."""
   return virtual_tokens.attention(q, k, v, segment_ids=segment_ids, positions=positions,
-                                  impl=cfg.attention, sliding_window=cfg.sliding_window,
-                                  n_virtual=n_virtual, prefix=prefix)
+                                  impl=cfg.attention, sliding_window=window,
+                                  n_virtual=n_virtual, prefix=prefix,
+                                  scale=layer_pattern.attention_scale(cfg),
+                                  softcap=cfg.attn_logit_softcap, mesh=mesh)
 
 
 def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=None,
-           n_virtual=0):
+           n_virtual=0, kind=None, rope_factor=1.0):
   """One decoder layer. x [B, T, D] -> (x [B, T, D], kv).
 
   Without a cache (kv=None) the second output is the layer's MoE router stats instead
@@ -146,47 +154,60 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
   kv: None (training, scoring), or this layer's `cache.Layer` (sampling): attention then
   stores this call's keys and values in the cache and reads the cached ones; the updated
   view is returned. n_virtual: leading virtual tokens (prompt tuning, `virtual_tokens`).
+  kind: the layer's static `layer_pattern.Kind` (its window); None = cfg.sliding_window.
+  inv_freq / rope_factor: this layer's rotary frequencies and cos/sin factor.
   """
 
   def lin(inp, p):
     return layers.linear(inp, p["kernel"], bias=p.get("bias"))
 
   dt = x.dtype
+  window = cfg.sliding_window if kind is None else kind.window
   attn_p = layer["self_attn"]
   b, t, _ = x.shape
-  h = layers.rms_norm(x, layer["input_layernorm"]["scale"], cfg.rms_norm_eps)
+  h = layers.norm(cfg, x, layer["input_layernorm"]["scale"])
   q = lin(h, attn_p["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = lin(h, attn_p["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = lin(h, attn_p["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   if cfg.qk_norm:
-    q = layers.rms_norm(q, attn_p["q_norm"]["scale"], cfg.rms_norm_eps)
-    k = layers.rms_norm(k, attn_p["k_norm"]["scale"], cfg.rms_norm_eps)
-  q = layers.apply_rope(q, positions, inv_freq)
-  k = layers.apply_rope(k, positions, inv_freq)
+    q = layers.norm(cfg, q, attn_p["q_norm"]["scale"])
+    k = layers.norm(cfg, k, attn_p["k_norm"]["scale"])
+  q = layers.apply_rope(q, positions, inv_freq, rope_factor)
+  k = layers.apply_rope(k, positions, inv_freq, rope_factor)
   q = constrain(q, ("batch", "seq", "act_heads", None))
+  mesh = getattr(constrain, "mesh", None)  # custom kernels run per device (shard_map)
+
   def self_attention():  # within this call's tokens (training, scoring, a prefill)
     return _attention(cfg, q, k, v, segment_ids=segment_ids, positions=positions,
-                      n_virtual=n_virtual, prefix=virtual_tokens.layer_prefix(attn_p))
+                      n_virtual=n_virtual, prefix=virtual_tokens.layer_prefix(attn_p),
+                      window=window, mesh=mesh)
 
   if kv is None:
     o = self_attention()
   else:
     o, kv = kv.attend(q, k, v, positions=positions, impl=cfg.attention,
-                      sliding_window=cfg.sliding_window, prefill_attention=self_attention)
+                      sliding_window=window, prefill_attention=self_attention,
+                      scale=layer_pattern.attention_scale(cfg), softcap=cfg.attn_logit_softcap,
+                      mesh=mesh)
   o = virtual_tokens.add_adaption(o, q, attn_p, lambda inp, name: lin(inp, attn_p[name]))
   o = lin(o.reshape(b, t, cfg.q_size).astype(dt), attn_p["o_proj"])
+  if cfg.sandwich_norms:  # Gemma: normalise the attention output before the residual
+    o = layers.norm(cfg, o, layer["post_attention_layernorm"]["scale"])
   x = x + o
   x = constrain(x, ("batch", "seq", "act_embed"))
 
   mlp_p = layer["mlp"]
-  h = layers.rms_norm(x, layer["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+  pre = "pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm"
+  h = layers.norm(cfg, x, layer[pre]["scale"])
   if "experts" in mlp_p:  # Mixtral / Qwen3-MoE (models/moe.py)
     m, stats = moe.mlp(cfg, h, mlp_p, mask=None if segment_ids is None else segment_ids > 0)
     kv = stats if kv is None else kv
   else:
-    g = layers.swiglu(lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
+    g = layers.gated(cfg, lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
     g = constrain(g, ("batch", "seq", "act_mlp"))
     m = lin(g, mlp_p["down_proj"])
+  if cfg.sandwich_norms:
+    m = layers.norm(cfg, m, layer["post_feedforward_layernorm"]["scale"])
   x = x + m
   return constrain(x, ("batch", "seq", "act_embed")), kv
 
@@ -212,14 +233,21 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   b, t = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dt)
+  x = _embed(cfg, params, tokens)
   x, positions, segment_ids, n_virtual = _prepend_virtual(params, x, positions, segment_ids)
   x = constrain(x, ("batch", "seq", "act_embed"))
-  inv_freq = layers.rope_inv_freq(cfg)
+  if not layer_pattern.uniform(cfg):
+    x = _patterned_layers(cfg, params, x, positions=positions, segment_ids=segment_ids,
+                          constrain=constrain, n_virtual=n_virtual)
+    h = head.final_norm(cfg, params, x[:, n_virtual:])
+    return (h, {"moe_aux_loss": moe.aux_loss(cfg, None)}) if return_aux else h
+  inv_freq, factor = layer_pattern.rope(cfg, positions, segment_ids)[False]
+  kind = layer_pattern.kinds(cfg)[0]
 
   def body(carry, layer):
     y, stats = _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
-                  inv_freq=inv_freq, constrain=constrain, n_virtual=n_virtual)
+                  inv_freq=inv_freq, constrain=constrain, n_virtual=n_virtual,
+                  kind=kind, rope_factor=factor)
     return y, stats  # stats: the MoE router stats, or None
 
   scan = cfg.scan_layers and not moe.is_mixed(cfg)  # mixed MoE / dense layers: unrolled
@@ -234,6 +262,40 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
     stats = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *per_layer) if per_layer else None
   h = head.final_norm(cfg, params, x[:, n_virtual:])  # the real tokens' states only
   return (h, {"moe_aux_loss": moe.aux_loss(cfg, stats)}) if return_aux else h
+
+
+def _embed(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array) -> jax.Array:
+  """Token embeddings [B, T, D] in the compute dtype; * sqrt(D) (rounded to that dtype, as
+  transformers does) when cfg.embed_scale (Gemma)."""
+  dt = DTYPES[cfg.dtype]
+  x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dt)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(cfg.hidden_size ** 0.5, dt)
+  return x
+
+
+def _patterned_layers(cfg, params, x, *, positions, segment_ids, constrain, n_virtual):
+  """The layers of a model whose layers differ in kind (`layer_pattern`), each with its
+  own window and rope table: scanned in groups of one period, or unrolled."""
+  ks = layer_pattern.kinds(cfg)
+  ropes = layer_pattern.rope(cfg, positions, segment_ids)
+
+  def layer_fn(kind, scanned):
+    inv_freq, factor = ropes[kind.local]
+
+    def fn(carry, layer):
+      return _block(cfg, carry, layer, positions=positions, segment_ids=segment_ids,
+                    inv_freq=inv_freq, constrain=constrain, n_virtual=n_virtual, kind=kind,
+                    rope_factor=factor)[0]
+    return _remat(fn, cfg.remat, scanned=scanned)
+
+  if cfg.scan_layers:
+    return layer_pattern.scan(
+        lambda c, layer, kind, i: layer_fn(kind, isinstance(i, jax.Array))(c, layer),
+        x, params["layers"], ks)
+  for i, kind in enumerate(ks):
+    x = layer_fn(kind, False)(x, jax.tree_util.tree_map(lambda a, i=i: a[i], params["layers"]))
+  return x
 
 
 def split_layers(cfg: config_lib.ModelConfig, stacked: dict) -> tuple:
@@ -261,22 +323,32 @@ def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.
   if isinstance(params["layers"], dict):  # split_layers' tuple: checked at the prefill
     virtual_tokens.refuse_kv_prefix_in_cache(params)
   constrain = constrain or (lambda x, _: x)
-  x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(DTYPES[cfg.dtype])
+  x = _embed(cfg, params, tokens)
   x = constrain(x, ("batch", "seq", "act_embed"))
-  inv_freq = layers.rope_inv_freq(cfg)
   n_virtual = 0
   if prefill:  # prompt tuning: the virtual tokens go into the cache with the prompt
     x, positions, segment_ids, n_virtual = _prepend_virtual(params, x, positions, segment_ids)
   gapless = PREFIX_EMBEDDINGS not in params  # else padding sits between prefix and prompt
+  ropes = layer_pattern.rope(cfg, positions, segment_ids)
+  ks = layer_pattern.kinds(cfg)
 
-  def run(x, layer, view):
+  def run(x, layer, view, kind=ks[0]):
+    inv_freq, factor = ropes[kind.local]
     return _block(cfg, x, layer, positions=positions, segment_ids=segment_ids,
-                  inv_freq=inv_freq, constrain=constrain, kv=view, n_virtual=n_virtual)
+                  inv_freq=inv_freq, constrain=constrain, kv=view, n_virtual=n_virtual,
+                  kind=kind, rope_factor=factor)
 
   def view(k, v, i=None):
     return cache_lib.Layer(k, v, kv.pos, slot, i, prefill=prefill, gapless=gapless)
 
-  if cfg.scan_layers and not moe.is_mixed(cfg):
+  if cfg.scan_layers and not layer_pattern.uniform(cfg):
+    def layer_body(carry, layer, kind, i):
+      x, k, v = carry
+      x, new = run(x, layer, view(k, v, i), kind)
+      return x, new.k, new.v
+
+    x, k, v = layer_pattern.scan(layer_body, (x, kv.k, kv.v), params["layers"], ks)
+  elif cfg.scan_layers and not moe.is_mixed(cfg):
     def body(carry, xs):
       x, k, v = carry
       layer, i = xs
@@ -291,7 +363,7 @@ def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.
     if not isinstance(per_layer, tuple):
       per_layer = split_layers(cfg, per_layer)
     for i in range(cfg.num_layers):
-      x, new = run(x, per_layer[i], view(k[i], v[i]))
+      x, new = run(x, per_layer[i], view(k[i], v[i]), ks[i])
       k[i], v[i] = new.k, new.v
     k, v = tuple(k), tuple(v)
   return head.final_norm(cfg, params, x[:, n_virtual:]), cache_lib.KVCache(k, v, kv.pos)

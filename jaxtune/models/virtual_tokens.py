@@ -79,17 +79,21 @@ def layer_prefix(attn_params: dict):
 
 
 def attention(q, k, v, *, segment_ids, positions, impl: str, sliding_window: int,
-              n_virtual: int = 0, prefix=None):
+              n_virtual: int = 0, prefix=None, mesh=None, scale: float | None = None,
+              softcap: float = 0.0):
   """`attention.attention` with the virtual tokens. q [B, T, H, Dh], k/v [B, T, K, Dh],
   positions [B, T] (already offset) -> [B, T, H, Dh].
 
   n_virtual: the first n_virtual of the T tokens are an embedding prefix; in packed rows
   every segment sees them. prefix: (key, value) [P, K*Dh] at positions 0..P-1, seen by every
-  query (the window, if any, applies over positions).
+  query (the window, if any, applies over positions). mesh: for the custom kernels
+  (`attention.attention`); the virtual-token masks below are XLA's. scale / softcap: the
+  softmax scale and score soft-cap (Gemma).
   """
   if prefix is None and (not n_virtual or segment_ids is None):
     return attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=impl,
-                            sliding_window=sliding_window)
+                            sliding_window=sliding_window, mesh=mesh, scale=scale,
+                            softcap=softcap)
   b, t, kh, dh = k.shape
   idx = jnp.arange(t)
   mask = jnp.broadcast_to((idx[None, :] <= idx[:, None])[None], (b, t, t))  # [B, T, T]
@@ -107,7 +111,7 @@ def attention(q, k, v, *, segment_ids, positions, impl: str, sliding_window: int
                              positions], axis=1)
   if sliding_window:
     mask &= (positions[:, :, None] - k_pos[:, None, :]) < sliding_window
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+  return attention_lib.masked_attention(q, k, v, mask[:, None], scale=scale, softcap=softcap)
 
 
 def add_adaption(o: jax.Array, q: jax.Array, attn_params: dict, project) -> jax.Array:

@@ -44,6 +44,7 @@ from jaxtune.models import decoder
 from jaxtune.models import moe
 from jaxtune.peft import adapters as adapters_lib
 from jaxtune.peft import expert_io
+from jaxtune.peft import fused_io
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 CONFIG_FILE = "adapter_config.json"
@@ -60,8 +61,12 @@ _IGNORED = {"base_model_name_or_path", "revision", "inference_mode", "init_lora_
 
 
 def module_templates(cfg: config_lib.ModelConfig) -> dict[str, str]:
-  """{"layers/self_attn/q_proj": "model.layers.{i}.self_attn.q_proj", ...} for this family."""
-  out = {}
+  """{"layers/self_attn/q_proj": "model.layers.{i}.self_attn.q_proj", ...} for this family.
+
+  A part of a fused HF module (Phi-3's q_proj in qkv_proj) has no template of its own: looking
+  it up is a ValueError naming the fused module (LoRA writes those through `fused_io`)."""
+  out = fused_io.Templates(cfg.family, {p: n for n, (_, ps) in fused_io.groups(cfg).items()
+                                        for p in ps})
   for template, path, transpose in keys.rows(cfg):
     if path in adapters_lib.SUPPORTED_KERNELS:
       if not (template.endswith(".weight") and transpose):
@@ -101,6 +106,7 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
   tensors: dict[str, np.ndarray] = {}
   names = set()
   experts = {}  # MoE expert LoRA: PEFT's target_parameters (expert_io.py)
+  fused = {}  # parts of fused HF projections
   for module, ab in sorted(adapters_lib.modules(adapters.params).items()):
     a, b = host(ab["a"], dtype), host(ab["b"], dtype)  # [L, in, r], [L, r, out]
     want = shapes[module + "/kernel"]
@@ -111,12 +117,20 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
     if expert_io.is_expert(module):
       experts[module] = (a, b)
       continue
+    if fused_io.part_of(cfg, module):  # Phi-3's qkv_proj / gate_up_proj (fused_io.py)
+      fused[module] = (a, b)
+      continue
     stem = PREFIX + templates[module]
     for j, i in enumerate(moe.layer_ids(cfg, module + "/kernel")):
       tensors[stem.format(i=i) + ".lora_A.weight"] = np.ascontiguousarray(a[j].T)  # [r, in]
       tensors[stem.format(i=i) + ".lora_B.weight"] = np.ascontiguousarray(b[j].T)  # [out, r]
     names.add(module.rsplit("/", 1)[1])
   tensors.update(expert_io.write(cfg, experts, adapters.rank, PREFIX))
+  fused_tensors, fused_names, rank_pattern, alpha_pattern = fused_io.write(
+      cfg, fused, rank=adapters.rank, alpha=adapters.alpha, rslora=adapters.rslora,
+      prefix=PREFIX)
+  tensors.update(fused_tensors)
+  names.update(fused_names)
   peft_config = {
       "peft_type": "LORA",
       "task_type": "CAUSAL_LM",
@@ -135,8 +149,8 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
       "modules_to_save": None,
       "layers_to_transform": None,
       "layers_pattern": None,
-      "rank_pattern": {},
-      "alpha_pattern": {},
+      "rank_pattern": rank_pattern,
+      "alpha_pattern": alpha_pattern,
       "revision": None,
       "base_model_name_or_path": base_model_name_or_path or None,
   }
@@ -194,7 +208,8 @@ def check_config(pc: dict, source: str, *, dora: bool = False) -> None:
   tm = pc.get("target_modules")
   if isinstance(tm, (list, tuple)):
     bad = [m for m in tm if m != "all-linear"
-           and m.rsplit(".", 1)[-1] not in adapters_lib.SUPPORTED_NAMES]
+           and m.rsplit(".", 1)[-1] not in (*adapters_lib.SUPPORTED_NAMES,
+                                            *fused_io.FUSED_NAMES)]
     if bad:
       raise ValueError(f"{source}: target module(s) {bad} are not supported; jaxtune adapts "
                        f"{list(adapters_lib.SUPPORTED_NAMES)}")
@@ -297,6 +312,12 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
   if experts and dora:
     raise ValueError(f"{source}: DoRA on MoE experts (target_parameters) is not supported")
   skip = frozenset(expert_io.names(cfg, experts, PREFIX))
+  with safetensors.safe_open(wpath, framework="np") as handle:
+    fused_names = fused_io.names(cfg, handle.keys(), PREFIX)
+  if fused_names and dora:
+    raise ValueError(f"{source}: DoRA on fused projections ({', '.join(fused_io.FUSED_NAMES)}) "
+                     "is not supported")
+  skip |= fused_names
   want = {"lora_A.weight": lambda n_in, n_out: (rank, n_in),
           "lora_B.weight": lambda n_in, n_out: (n_out, rank),
           "lora_magnitude_vector": lambda n_in, n_out: (n_out,)}
@@ -309,6 +330,9 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
                    "b": t["lora_B.weight"].transpose(0, 2, 1)}  # [L, r, out]
     if dora:
       out[module]["m"] = t["lora_magnitude_vector"]  # [L, out]
+  if fused_names:
+    handle = safetensors.safe_open(wpath, framework="np")
+    out.update(fused_io.read(cfg, handle.get_tensor, fused_names, rank, PREFIX, wpath))
   if experts:
     handle = safetensors.safe_open(wpath, framework="np")
     present = set(handle.keys())

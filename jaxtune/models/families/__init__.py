@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from jaxtune import config as config_lib
 from jaxtune.models.families import base
+from jaxtune.models.families import gemma2
+from jaxtune.models.families import gemma3
 from jaxtune.models.families import llama
 from jaxtune.models.families import mistral
+from jaxtune.models.families import phi3
 from jaxtune.models.families import mixtral
 from jaxtune.models.families import qwen2
 from jaxtune.models.families import qwen3
@@ -28,6 +31,9 @@ FAMILIES: dict[str, base.Family] = {
     "mistral": mistral.FAMILY,
     "qwen2": qwen2.FAMILY,
     "qwen3": qwen3.FAMILY,
+    "gemma2": gemma2.FAMILY,
+    "gemma3": gemma3.FAMILY,
+    "phi3": phi3.FAMILY,
     "mixtral": mixtral.FAMILY,
     "qwen3_moe": qwen3_moe.FAMILY,
 }
