@@ -277,6 +277,8 @@ def _embed(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array) -> jax.
 def _patterned_layers(cfg, params, x, *, positions, segment_ids, constrain, n_virtual):
   """The layers of a model whose layers differ in kind (`layer_pattern`), each with its
   own window and rope table: scanned in groups of one period, or unrolled."""
+  if moe.is_moe(cfg):  # the router stats (aux loss) are not threaded through this path
+    raise ValueError("model.layer_types with mixture-of-experts layers is not supported")
   ks = layer_pattern.kinds(cfg)
   ropes = layer_pattern.rope(cfg, positions, segment_ids)
 
