@@ -157,6 +157,8 @@ def test_lora_retention_generation_and_end_of_run_files(files, tmp_path):
   assert logged["retention_ppl"] == pytest.approx(final["values"]["retention_ppl"], rel=1e-12)
   assert '"rank": 4' in card.text and files["base"] in card.text
   transformers.AutoModelForCausalLM.from_pretrained(os.path.join(wd, "hf"))  # still loads
+  adapter_card = ModelCard.load(os.path.join(wd, "hf_adapter", "README.md"))
+  assert adapter_card.data.library_name == "peft"
 
 
 def _expected_overfit_step(rows, evals, k):

@@ -53,12 +53,15 @@ class RunInfo:
 
 
 def git_commit(path: str | None = None) -> str:
-  """The commit of the git checkout holding `path` (default: this package), with "+dirty"
-  when it has uncommitted changes; "unknown" outside a checkout."""
-  where = path or os.path.dirname(os.path.abspath(__file__))
+  """The commit of the git checkout that tracks `path` (default: this file, so jaxtune's own
+  checkout), with "+dirty" when it has uncommitted changes; "unknown" when `path` is not a
+  tracked file (an installed wheel, even inside some other repository)."""
+  path = os.path.abspath(path or __file__)
+  where = path if os.path.isdir(path) else os.path.dirname(path)
   try:
     run = lambda *a: subprocess.run(["git", *a], cwd=where, capture_output=True, text=True,  # noqa: E731
                                     timeout=10, check=True).stdout.strip()
+    run("ls-files", "--error-unmatch", path)
     commit = run("rev-parse", "HEAD")
     dirty = bool(run("status", "--porcelain", "--untracked-files=no"))
   except (OSError, subprocess.SubprocessError):

@@ -381,8 +381,12 @@ def finish(job, tracker: Tracker, summary: dict, state, workdir: str) -> str:
   run_report.write_report(info)
   if result is not None:
     run_report.write_json(os.path.join(workdir, "final_eval.json"), result)
-  if summary.get("export") and os.path.isdir(summary["export"]):
-    run_report.write_card(info, summary["export"])
+  export = summary.get("export")
+  if export and os.path.isdir(export):
+    run_report.write_card(info, export)
+    adapter = export.rstrip("/") + "_adapter"  # a PEFT run's adapter next to the merged model
+    if not export.rstrip("/").endswith("_adapter") and os.path.isdir(adapter):
+      run_report.write_card(info, adapter)
   return run_report.one_line(info)
 
 
