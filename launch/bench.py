@@ -48,6 +48,7 @@ missing: 'unavailable'; out of memory: 'oom').
 
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,7 +83,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("budget_s", 0, "Stop starting runs after this many seconds (0 = no "
                        "limit); each isolated run's timeout is cut to what is left.")
   flags.DEFINE_list("seq_lens", ["2048"], "Sequence lengths.")
-  flags.DEFINE_integer("batch", 4, "Rows per step.")
+  flags.DEFINE_integer("batch", 4, "Rows per step (the global batch, split over the mesh's "
+                       "data x fsdp devices).")
+  flags.DEFINE_string("mesh", "", "jaxtune device mesh, e.g. data=2 | fsdp=2 | tensor=2 | "
+                      "data=2,fsdp=2 (axes left out are 1): runs on that many local devices. "
+                      "Empty: one device. The torch peers run on one device only, so they are "
+                      "skipped when the mesh has more.")
   flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run: torch (eager), "
                     "torch_compile, jaxtune.")
   flags.DEFINE_enum("precision", "bf16", ["bf16", "mixed"], "See the module docstring.")
@@ -153,6 +159,7 @@ def _specs() -> list[dict]:
       if xla:
         kv["xla"] = xla
       variants.append((name, kv))
+  mesh = parse_mesh(FLAGS.mesh)
   seqs = [32] if FLAGS.smoke and FLAGS.seq_lens == ["2048"] else [int(s) for s in FLAGS.seq_lens]
   batch = 2 if FLAGS.smoke and FLAGS.batch == 4 else FLAGS.batch
   specs = []
@@ -162,10 +169,12 @@ def _specs() -> list[dict]:
       shape = "tiny" if FLAGS.smoke else shape
       name = "_".join([shape, method] + ([data] if data != "synthetic" else []))
       base = dict(workload=name, shape=shape, method=method, data=data, seq=seq,
-                  batch=batch, precision=FLAGS.precision, smoke=FLAGS.smoke,
+                  batch=batch, precision=FLAGS.precision, smoke=FLAGS.smoke, mesh=mesh,
                   warmup=1 if FLAGS.smoke else FLAGS.warmup,
                   steps=2 if FLAGS.smoke else FLAGS.steps)
       for fw in FLAGS.frameworks:
+        if fw in ("torch", "torch_compile") and mesh_devices(mesh) > 1:
+          continue  # one-device peers: no row to compare a mesh run with
         if fw in ("torch", "torch_compile"):
           ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
           specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=ckpt, model={}))
@@ -205,8 +214,26 @@ def _derive(r: dict) -> dict:
   r["tokens_per_s"] = tokens / r["step_s"]
   r["tflops"] = fpt * r["tokens_per_s"] / 1e12
   peak = next((v for k, v in flops.PEAK_FLOPS.items() if k.lower() in r["device"].lower()), None)
-  r["mfu"] = r["tflops"] * 1e12 / peak if peak else None
+  r["mfu"] = r["tflops"] * 1e12 / (peak * mesh_devices(r.get("mesh"))) if peak else None
   return r
+
+
+def parse_mesh(text: str) -> dict:
+  """'data=2' -> {'data': 2, 'fsdp': 1, 'tensor': 1}; '' -> {} (one device)."""
+  if not text.strip():
+    return {}
+  out = {"data": 1, "fsdp": 1, "tensor": 1}
+  for part in text.split(","):
+    key, _, value = part.partition("=")
+    if key.strip() not in out or not value.strip().isdigit() or int(value) < 1:
+      raise app.UsageError(f"--mesh: bad part {part!r} (expected data=N, fsdp=N or tensor=N, "
+                           "comma-separated)")
+    out[key.strip()] = int(value)
+  return out
+
+
+def mesh_devices(mesh: dict | None) -> int:
+  return int(math.prod(mesh.values())) if mesh else 1
 
 
 def _config_str(r: dict) -> str:
@@ -223,6 +250,8 @@ def _config_str(r: dict) -> str:
     attn = "+".join(kernels) or "xla"
   extra = "".join(f" {k}={r[k]}" for k in ("lib", "noflags", "xla") if r.get(k))
   name = "" if r.get("variant") in ("tuned", None) else f"[{r['variant']}] "
+  if mesh_devices(r.get("mesh")) > 1:
+    name += "mesh " + ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) + " "
   return (f"{name}{prec} attn={attn} remat={m.get('remat')} ce_chunk={m.get('logits_chunk')}"
           f"{'' if m.get('scan_layers', True) else ' unrolled'}{extra}")
 

@@ -59,10 +59,11 @@ def make_batch(spec: dict, vocab: int):
           "loss_mask": np.ones((b, t), np.float32)}
 
 
-def _lean_init(model_cfg, key, *, quantize: bool):
+def _lean_init(model_cfg, key, *, quantize: bool, mesh=None):
   """Random params like decoder.init, built one layer at a time so that setup's transient
   memory stays far below training's (jax cannot reset its peak counter); projections come
-  out as NF4 QArrays directly when `quantize`, so no dense copy of the base ever exists."""
+  out as NF4 QArrays directly when `quantize`, so no dense copy of the base ever exists.
+  With `mesh`, each param moves to its shards (logical axes) as soon as it is made."""
   import re
   import jax
   import jax.numpy as jnp
@@ -71,11 +72,13 @@ def _lean_init(model_cfg, key, *, quantize: bool):
   from jaxtune.models import decoder
   from jaxtune.peft import qlora
   dtype = decoder.DTYPES[model_cfg.param_dtype]
+  place = _placer(model_cfg, mesh)
   flat = {}
   for i, (path, shape) in enumerate(sorted(decoder.shapes(model_cfg).items())):
     k = jax.random.fold_in(key, i)
     if path.endswith(("scale", "bias")):
-      flat[path] = jnp.ones(shape, dtype) if path.endswith("scale") else jnp.zeros(shape, dtype)
+      flat[path] = place(path, jnp.ones(shape, dtype) if path.endswith("scale")
+                         else jnp.zeros(shape, dtype))
       continue
     std = 0.02 if path.endswith("embedding") else shape[-2] ** -0.5
     q = quantize and re.fullmatch(qlora.PROJECTIONS, path) is not None
@@ -86,11 +89,30 @@ def _lean_init(model_cfg, key, *, quantize: bool):
 
     if path.startswith("layers/"):
       keys = jax.random.split(k, shape[0])
-      flat[path] = jax.jit(lambda ks, one=one, s=shape[1:]: jax.lax.map(
-          lambda kk: one(kk, s), ks))(keys)
+      flat[path] = place(path, jax.jit(lambda ks, one=one, s=shape[1:]: jax.lax.map(
+          lambda kk: one(kk, s), ks))(keys))
     else:
-      flat[path] = jax.jit(one)(k)
+      flat[path] = place(path, jax.jit(one)(k))
   return tree.unflatten(flat)
+
+
+def _placer(model_cfg, mesh):
+  """place(path, leaf) -> the leaf on `mesh`, sharded by its logical axes (a QArray's
+  children by the kernel's); identity without a mesh."""
+  import jax
+  from jaxtune import quant
+  from jaxtune import sharding
+  from jaxtune import tree
+  from jaxtune.models import decoder
+  if mesh is None:
+    return lambda path, x: x
+  axes = tree.flatten(decoder.axes(model_cfg))
+
+  def place(path, x):
+    ax = quant.axes_for(x, axes[path]) if isinstance(x, quant.QArray) else axes[path]
+    return jax.device_put(x, sharding.tree_shardings(mesh, ax, x))
+
+  return place
 
 
 def _jax_worker(spec: dict) -> dict:
@@ -118,8 +140,12 @@ def _jax_worker(spec: dict) -> dict:
       optim=config_lib.OptimConfig(lr=1e-5, schedule="constant", warmup_steps=0,
                                    weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0),
       train=config_lib.LoopConfig(max_steps=10_000))
-  mesh = sharding.make_mesh(cfg.mesh, devices=jax.devices()[:1])  # one-device benchmark
-  params = _lean_init(model_cfg, jax.random.PRNGKey(0), quantize=method == "qlora")
+  # spec["mesh"] (bench --mesh): {data, fsdp, tensor} over that many local devices; else one.
+  mesh_cfg = config_lib.MeshConfig(**spec["mesh"]) if spec.get("mesh") else cfg.mesh
+  n_dev = mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor if spec.get("mesh") else 1
+  mesh = sharding.make_mesh(mesh_cfg, devices=jax.devices()[:n_dev])
+  params = _lean_init(model_cfg, jax.random.PRNGKey(0), quantize=method == "qlora",
+                      mesh=mesh if n_dev > 1 else None)
   out = {}
   adapters = adapter_axes = None
   if method != "full":
@@ -132,6 +158,10 @@ def _jax_worker(spec: dict) -> dict:
                                    "whole_base": total / model_cfg.num_params()}
   run = setup.build(cfg, mesh, params, model_cfg, adapters=adapters, adapter_axes=adapter_axes)
   del params
+  out["mesh_devices"] = n_dev
+  out["weights_bytes_device0"] = sum(  # the model's weights (LoRA: the frozen base) it holds
+      s.data.nbytes for x in jax.tree.leaves(run.frozen.get("base", run.state.trainable))
+      for s in x.addressable_shards if s.device == mesh.devices.flat[0])
   host = bench_chat.host_batches(spec, model_cfg.vocab_size)
   fixed = spec.get("data", "synthetic") != "chat"  # synthetic rows: one batch, placed once
   batch = loop.device_batch(next(host), run.batch_sharding)
@@ -164,8 +194,8 @@ def _jax_worker(spec: dict) -> dict:
   out["losses"] = [float(x) for x in jax.device_get(losses)]
   if spec.get("profile_dir"):
     out["profile"] = _profile(spec, run, state, batch)
-  stats = jax.local_devices()[0].memory_stats() or {}
-  out["peak_bytes"] = stats.get("peak_bytes_in_use")
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in mesh.devices.flat]
+  out["peak_bytes"] = max(peaks) if None not in peaks else None  # the fullest device
   out["device"] = jax.local_devices()[0].device_kind
   out["versions"] = {"jax": jax.__version__}
   return out
