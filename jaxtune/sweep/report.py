@@ -83,6 +83,7 @@ def markdown(study, keys, metric: str, trials: int, base_flags=()) -> str:
 def plot(study, space: dict, metric: str, path: str) -> None:
   """The metric against each parameter, one panel per parameter, to `path` (PNG)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   keys = list(space)
@@ -102,6 +103,7 @@ def plot(study, space: dict, metric: str, path: str) -> None:
       ax.set_xticks(range(len(choices)), [str(c) for c in choices])
     elif getattr(dist, "log", False):
       ax.set_xscale("log")
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

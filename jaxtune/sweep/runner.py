@@ -184,7 +184,7 @@ class Active:
     self.log.close()
     self.poll_metrics()
     code = self.proc.returncode
-    if self.pruned:
+    if self.pruned and code != 0:  # stopped by the pruner (a run that ended anyway: complete)
       study.tell(self.trial, state=optuna.trial.TrialState.PRUNED)
       return "PRUNED"
     if code == 0 and self.last is not None:
