@@ -73,7 +73,8 @@ def define_flags() -> None:
   flags.DEFINE_list("workloads", ["1b_full", "1b_lora", "1b_qlora"],
                     "SHAPE_METHOD[_DATA] names: shapes 1b | 8b (tiny under --smoke), methods "
                     "full | lora | qlora, DATA seg | chat (see above); or decode_1b | decode_8b "
-                    "(sampling, bench_decode.py).")
+                    "(sampling, bench_decode.py); or grpo_1b (GRPO vs TRL, bench_grpo.py, "
+                    "its defaults; that file's flags set the rest).")
   flags.DEFINE_list("decode_batches", ["64", "256"], "decode_*: batch sizes (smoke: 2,4).")
   flags.DEFINE_integer("decode_prompt", 128, "decode_*: prompt tokens per row (smoke: 8).")
   flags.DEFINE_integer("decode_new", 256, "decode_*: sampled tokens per row (smoke: 8).")
@@ -354,7 +355,8 @@ def main(argv):
     return
   t_start = time.monotonic()
   decode = [w for w in FLAGS.workloads if w.startswith("decode_")]
-  FLAGS.workloads = [w for w in FLAGS.workloads if not w.startswith("decode_")]
+  grpo = [w for w in FLAGS.workloads if w.startswith("grpo_")]
+  FLAGS.workloads = [w for w in FLAGS.workloads if not w.startswith(("decode_", "grpo_"))]
   results = []
   for spec in _specs() if FLAGS.workloads else []:
     print(f"running {spec['workload']} seq={spec['seq']} {spec['framework']} "
@@ -373,6 +375,11 @@ def main(argv):
       print("goal: " + line)
   if decode:
     _decode(decode, t_start, results)
+  if grpo:
+    from launch import bench_grpo  # pylint: disable=g-import-not-at-top
+    bench_grpo.run_all(bench_grpo.specs(["jaxtune", "trl"], smoke=FLAGS.smoke),
+                       timeout=FLAGS.run_timeout,
+                       out=FLAGS.out and FLAGS.out.replace(".json", "") + "_grpo.json")
 
 
 def _decode(workloads: list[str], t_start: float, train_results: list[dict]) -> None:
