@@ -309,3 +309,34 @@ def test_expert_mesh_gives_single_device_loss_and_grads(tmp_path):
   assert r["loss1"] == pytest.approx(r["loss8"], rel=1e-5)
   assert r["grad_err"] <= 1e-5 * r["grad_max"]
   assert "expert" in r["expert_spec"] and r["shard_shape"] == [2, 2, 16, 32]
+
+
+def test_moe_flops_count_the_active_experts():
+  """4N / 6N FLOPs with N = attention + router + k experts per MoE layer, by hand for
+  Qwen3-30B-A3B's shape: ~3.3B active params (its name's 'A3B')."""
+  from jaxtune.train import flops
+  from launch import bench_families
+  cfg = bench_families.model_cfg(dict(workload="qwen3moe_30b_lora", smoke=False, layers=0,
+                                      model={}))
+  d, layers = 2048, 48
+  attn = d * 32 * 128 * 2 + d * 4 * 128 * 2
+  experts = 8 * 3 * d * 768 + d * 128
+  want = layers * (attn + experts) + d * 151936
+  assert flops.matmul_params(cfg) == want
+  assert 3.0e9 < want < 3.6e9
+
+
+@pytest.mark.slow
+def test_bench_families_smoke_moe(tmp_path):
+  """launch/bench_families.py --smoke for the MoE workload: both sides run the same tiny
+  Qwen3-MoE config.json and the table and JSON say so. Random init predicts ~uniformly, so
+  both first losses sit near ln(vocab) = ln(512)."""
+  launch_utils.run("bench_families.py", "--smoke", "--workloads=qwen3moe_30b_lora",
+                   f"--out_dir={tmp_path}", timeout=900)
+  rows = json.load(open(tmp_path / "bench_families.json"))["results"]
+  assert [(r["framework"], r["status"]) for r in rows] == [("torch", "ok"), ("jaxtune", "ok")]
+  for r in rows:
+    assert r["tokens_per_s"] > 0 and abs(r["losses"][0] - np.log(512)) < 1.0
+  assert "moe_aux_loss" in rows[1]
+  text = (tmp_path / "bench_families.txt").read_text()
+  assert "qwen3moe_30b_lora" in text and "experts=" in text and "x" in text.splitlines()[-1]

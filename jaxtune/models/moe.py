@@ -68,6 +68,15 @@ def is_mixed(cfg: config_lib.ModelConfig) -> bool:
   return is_moe(cfg) and bool(dense_layers(cfg))
 
 
+def mlp_matmul_params(cfg: config_lib.ModelConfig) -> int:
+  """MLP params one token multiplies, over all layers: k experts + the router in MoE layers
+  (the active params, for FLOPs), 3 * D * F in dense ones."""
+  d = cfg.hidden_size
+  dense = len(dense_layers(cfg)) * 3 * d * cfg.intermediate_size
+  per_moe = cfg.num_experts_per_tok * 3 * d * expert_width(cfg) + d * cfg.num_experts
+  return dense + len(moe_layers(cfg)) * per_moe
+
+
 def layer_ids(cfg: config_lib.ModelConfig, path: str) -> tuple[int, ...]:
   """The HF layer indices stacked on the leading axis of the layer param at `path`."""
   if is_moe(cfg) and path.startswith("layers/mlp/"):

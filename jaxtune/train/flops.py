@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 
 from jaxtune import config as config_lib
+from jaxtune.models import moe
 
 # Dense bf16 peak FLOP/s per device, by jax device_kind substring.
 PEAK_FLOPS = {
@@ -25,10 +26,11 @@ PEAK_FLOPS = {
 
 
 def matmul_params(cfg: config_lib.ModelConfig) -> int:
-  """Params that take part in matmuls per token: all layer kernels + the output projection."""
-  d, f = cfg.hidden_size, cfg.intermediate_size
-  per_layer = d * cfg.q_size * 2 + d * cfg.kv_size * 2 + 3 * d * f
-  return cfg.num_layers * per_layer + d * cfg.vocab_size
+  """Params that take part in matmuls per token: all layer kernels + the output projection
+  (MoE: the router and the k experts a token is sent to, `moe.mlp_matmul_params`)."""
+  d = cfg.hidden_size
+  per_layer = d * cfg.q_size * 2 + d * cfg.kv_size * 2
+  return cfg.num_layers * per_layer + moe.mlp_matmul_params(cfg) + d * cfg.vocab_size
 
 
 def attention_flops_per_token(cfg: config_lib.ModelConfig, seq_len: int) -> float:
