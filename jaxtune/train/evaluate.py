@@ -62,6 +62,7 @@ RETENTION = ("retention_ppl", "kl_to_base")
 GENERATION = tuple("val_" + n for n in text.NAMES)
 LOWER = frozenset(RETENTION) | {"val_loss"}
 HIGHER = frozenset(GENERATION) | {"val_accuracy"}
+EVAL_ROWS = 8  # at most this many sequences per evaluation batch
 
 
 def best_metric(cfg: config_lib.TrainConfig) -> str:
@@ -179,6 +180,12 @@ def _write_generations(path: str, data: examples_lib.Data, out: runner.Outputs) 
   os.replace(path + ".tmp", path)
 
 
+def _rows(cfg: config_lib.TrainConfig) -> int:
+  """Sequences per evaluation batch: the training batch, at most EVAL_ROWS (scoring holds
+  full-vocabulary logits unless model.logits_chunk is set)."""
+  return min(cfg.data.batch_size, EVAL_ROWS)
+
+
 def _pad(tok) -> int:
   return tok.pad_token_id if tok.pad_token_id is not None else 0
 
@@ -232,7 +239,7 @@ class Tracker:
   def measure(self, job, state) -> dict:
     """retention_ppl (and kl_to_base) of the current model; checks forgetting."""
     model, tok = model_of(job, state), job.tokenizer
-    common = dict(mesh=job.run.mesh, batch_size=self.cfg.data.batch_size, pad_id=_pad(tok))
+    common = dict(mesh=job.run.mesh, batch_size=_rows(self.cfg), pad_id=_pad(tok))
     s = perplexity.score(model.cfg, model.params, self.retention, adapters=model.adapters,
                          **common)
     vals = {"retention_ppl": perplexity.perplexity(s.nll, s.tokens)}
@@ -249,7 +256,7 @@ class Tracker:
     to WORKDIR/generations/step_<N>.jsonl (prompt, reference, prediction per row)."""
     out = runner.run_model(model_of(job, state), self.prompts, job.tokenizer, mesh=job.run.mesh,
                            sampling=runner.Sampling(max_new_tokens=self.e.max_new_tokens),
-                           batch_size=self.cfg.data.batch_size)
+                           batch_size=_rows(self.cfg))
     values = summary_lib.summarize(self.prompts, out).values
     if job.ctx.workdir and jax.process_index() == 0:
       _write_generations(os.path.join(job.ctx.workdir, "generations", f"step_{step}.jsonl"),
@@ -341,7 +348,7 @@ def final(job, tracker: Tracker, state) -> dict | None:
     _log.warning("final evaluation skipped: %s", err)
     return None
   common = dict(mesh=job.run.mesh, sampling=runner.Sampling(max_new_tokens=e.max_new_tokens),
-                batch_size=job.cfg.data.batch_size)
+                batch_size=_rows(job.cfg))
   tuned = summary_lib.evaluate(model_of(job, state), data, job.tokenizer, **common)
   out = {"n": len(data.examples), "values": tuned.summary.values, "intervals": tuned.intervals}
   base = tracker.base
