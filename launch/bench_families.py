@@ -67,7 +67,10 @@ WORKLOADS = {
         config=QWEN3_30B_A3B, method="lora", batch=1, peer_attn="sdpa", peer_ckpt=True,
         smoke=dict(QWEN3_30B_A3B, **TINY, intermediate_size=96, moe_intermediate_size=32,
                    num_experts=8, num_experts_per_tok=2),
-        model=dict(remat="full", logits_chunk=2048)),
+        model=dict(remat="full", logits_chunk=2048),
+        # Both grouped-matmul implementations (models/moe.py): XLA's ragged_dot, which
+        # backends without a grouped kernel expand densely, and the blocked one.
+        jax_variants=({"moe_impl": "ragged"}, {"moe_impl": "blocked"})),
     "gemma2_2b_full": dict(
         config=GEMMA2_2B, method="full", batch=4, peer_attn="eager", peer_ckpt=False,
         smoke=dict(GEMMA2_2B, **TINY, intermediate_size=128, sliding_window=16,
@@ -335,7 +338,11 @@ def specs() -> list[dict]:
                 steps=2 if FLAGS.smoke else FLAGS.steps, model=model)
     ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, w["peer_ckpt"])
     for fw in FLAGS.frameworks:
-      out.append(dict(base, framework=fw, peer_ckpt=ckpt, peer_experts=FLAGS.peer_experts))
+      if fw == "torch":
+        out.append(dict(base, framework=fw, peer_ckpt=ckpt, peer_experts=FLAGS.peer_experts))
+        continue
+      for variant in w.get("jax_variants", ({},)):
+        out.append(dict(base, framework=fw, peer_ckpt=ckpt, model={**variant, **model}))
   return out
 
 

@@ -15,6 +15,7 @@ import transformers
 
 from jaxtune import config as config_lib
 from jaxtune.hf import config as hf_config
+from jaxtune.hf import expert_keys
 from jaxtune.hf import keys
 from jaxtune.hf import reward
 from jaxtune.models import decoder
@@ -43,13 +44,20 @@ VARIANTS = {
 }
 
 
+# The MoE families' expert settings (a MoE config.json always has experts).
+MOE = {"mixtral": dict(num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01),
+       "qwen3_moe": dict(num_experts=5, num_experts_per_tok=3, moe_intermediate_size=16,
+                         norm_topk_prob=False, router_aux_loss_coef=0.0,
+                         dense_layers=(1,))}  # layer 1 dense (mlp_only_layers)
+
+
 def _cfg(name: str, variant: str) -> config_lib.ModelConfig:
   """A config of family `name` as from_hf would build it: the family's block flags set."""
   family = families.get(name)
   return dataclasses.replace(BASE, family=name, vocab_size=101, hidden_size=48,
                              intermediate_size=72, num_layers=2, num_heads=3, num_kv_heads=1,
                              head_dim=24, rms_norm_eps=1e-5, max_position_embeddings=256,
-                             **family.block, **VARIANTS[variant])
+                             **family.block, **MOE.get(name, {}), **VARIANTS[variant])
 
 
 def _cases():
@@ -157,7 +165,8 @@ def test_every_row_names_a_decoder_param(name):
   family = families.get(name)
   untied = _cfg(name, "untied_ids")
   assert keys.rows(untied) == list(family.rows)  # untied: every row applies
-  assert set(p for _, ps, _ in family.rows for p in keys.parts(ps)) == set(
+  experts = set(expert_keys.PATHS) if family.experts else set()  # hf/expert_keys.py
+  assert set(p for _, ps, _ in family.rows for p in keys.parts(ps)) | experts == set(
       decoder.shapes(untied))
   assert len({t for t, _, _ in family.rows}) == len(family.rows)
   tied = _cfg(name, "plain")

@@ -334,9 +334,48 @@ def test_bench_families_smoke_moe(tmp_path):
   launch_utils.run("bench_families.py", "--smoke", "--workloads=qwen3moe_30b_lora",
                    f"--out_dir={tmp_path}", timeout=900)
   rows = json.load(open(tmp_path / "bench_families.json"))["results"]
-  assert [(r["framework"], r["status"]) for r in rows] == [("torch", "ok"), ("jaxtune", "ok")]
+  assert [(r["framework"], r["status"]) for r in rows] == [("torch", "ok")] + [("jaxtune", "ok")] * 2
+  assert [r["model"]["moe_impl"] for r in rows[1:]] == ["ragged", "blocked"]
   for r in rows:
     assert r["tokens_per_s"] > 0 and abs(r["losses"][0] - np.log(512)) < 1.0
+  assert rows[1]["losses"] == pytest.approx(rows[2]["losses"], rel=1e-2)  # same model, bf16
   assert "moe_aux_loss" in rows[1]
   text = (tmp_path / "bench_families.txt").read_text()
   assert "qwen3moe_30b_lora" in text and "experts=" in text and "x" in text.splitlines()[-1]
+
+
+def test_blocked_grouped_matmul_equals_a_loop_over_experts():
+  """moe.grouped_blocks (and ragged_dot) against numpy, expert by expert: groups of 0, 1,
+  block-straddling and multi-block sizes, values and gradients."""
+  rng = np.random.RandomState(0)
+  sizes = np.array([5, 0, 1, 9, 0, 3], np.int32)
+  x = rng.randn(sizes.sum(), 7).astype(np.float32)
+  w = rng.randn(len(sizes), 7, 6).astype(np.float32)
+  ref = np.concatenate([x[s:s + n] @ w[e] for e, (s, n) in
+                        enumerate(zip(np.cumsum(sizes) - sizes, sizes)) if n])
+  gs = jnp.asarray(sizes)
+  blocked = moe.grouped_blocks(jnp.asarray(x), jnp.asarray(w), gs, block=4)
+  np.testing.assert_allclose(np.asarray(blocked), ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(jax.lax.ragged_dot(x, w, gs)), ref, atol=1e-5)
+  ct = rng.randn(*ref.shape).astype(np.float32)  # d<ct, x W_e>/dW_e = x_e^T ct_e
+  gw = jax.grad(lambda w: jnp.sum(moe.grouped_blocks(jnp.asarray(x), w, gs, block=4) * ct))(
+      jnp.asarray(w))
+  want = np.stack([x[s:s + n].T @ ct[s:s + n] for s, n in zip(np.cumsum(sizes) - sizes, sizes)])
+  np.testing.assert_allclose(np.asarray(gw), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("pair", ["qwen3_moe_mixed"], indirect=True)
+def test_blocked_experts_match_transformers(pair):
+  """model.moe_impl=blocked gives transformers' logits too, with expert LoRA applied."""
+  import dataclasses
+  _, model, _, cfg, params = pair
+  bcfg = dataclasses.replace(cfg, moe_impl="blocked")
+  toks = tokens(seed=7)
+  np.testing.assert_allclose(np.asarray(forward(bcfg, params, jnp.asarray(toks))),
+                             hf_logits(model, toks), atol=1e-4, rtol=0)
+  adapters = lora.init(cfg, params, rank=2, alpha=4.0, targets=ATTN_AND_EXPERTS,
+                       key=jax.random.PRNGKey(3))
+  adapters = adapters.__class__(**{**adapters.__dict__, "params": _random_b(adapters, 4)})
+  np.testing.assert_allclose(np.asarray(forward(bcfg, params, jnp.asarray(toks), lora=adapters)),
+                             np.asarray(forward(cfg, params, jnp.asarray(toks), lora=adapters)),
+                             atol=1e-5, rtol=0)

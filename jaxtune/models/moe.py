@@ -89,6 +89,9 @@ def check(cfg: config_lib.ModelConfig) -> None:
   """ConfigError naming the model.* field for an impossible MoE config."""
   if not is_moe(cfg):
     return
+  if cfg.moe_impl not in IMPLS:
+    raise config_lib.ConfigError(f"bad value for model.moe_impl: {cfg.moe_impl!r} "
+                                 f"(expected one of {', '.join(IMPLS)})")
   if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
     raise config_lib.ConfigError(
         f"bad value for model.num_experts_per_tok: {cfg.num_experts_per_tok} "
@@ -138,18 +141,53 @@ def layer_slice(cfg: config_lib.ModelConfig, stacked: dict, i: int) -> dict:
   return out
 
 
-def ragged_linear(x: jax.Array, w, group_sizes: jax.Array) -> jax.Array:
+IMPLS = ("ragged", "blocked")
+BLOCK = 128  # rows per block of the 'blocked' grouped matmul
+
+
+def ragged_linear(x: jax.Array, w, group_sizes: jax.Array, impl: str = "ragged") -> jax.Array:
   """Rows x [M, in] sorted by expert @ w [E, in, out] -> [M, out]; expert e takes the next
   group_sizes[e] rows. w: dense, a 4-bit `quant.QArray` (dequantised for the layer), or an
-  adapter leaf with a `ragged_linear(x, group_sizes)` method (expert LoRA)."""
+  adapter leaf with a `ragged_linear(x, group_sizes, impl)` method (expert LoRA).
+
+  impl: 'ragged' = `jax.lax.ragged_dot` (XLA's grouped matmul; where the backend has no
+  grouped kernel XLA expands it densely), 'blocked' = `grouped_blocks`.
+  """
   if isinstance(w, quant.QArray):
     w = quant.dequantize(w)
   elif callable(getattr(w, "ragged_linear", None)):
-    return w.ragged_linear(x, group_sizes)
+    return w.ragged_linear(x, group_sizes, impl)
   elif not hasattr(w, "dtype"):
     raise TypeError(f"MoE experts: {type(w).__name__} kernels cannot run as grouped matmuls "
                     "(supported: dense, 4-bit QArray, LoRA)")
+  if impl == "blocked":
+    return grouped_blocks(x, w.astype(x.dtype), group_sizes)
   return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+
+
+def grouped_blocks(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
+                   block: int = BLOCK) -> jax.Array:
+  """The grouped matmul as batched matmuls over blocks of `block` rows of one expert each.
+
+  Each expert's rows are padded to a multiple of `block` (at most ceil(M / block) + E
+  blocks, a static bound), every block multiplies its expert's weight (gathered, [nb, in,
+  out]), and the rows are read back: M * k real rows plus at most E * (block - 1) padding
+  rows of FLOPs, whatever the backend's ragged-dot support. x [M, in] sorted by expert,
+  w [E, in, out] -> [M, out]; equal to `jax.lax.ragged_dot` up to float summation order.
+  """
+  m, e = x.shape[0], w.shape[0]
+  nb = -(-m // block) + e
+  padded = (group_sizes + block - 1) // block * block  # [E]
+  pad_start = jnp.cumsum(padded) - padded
+  start = jnp.cumsum(group_sizes) - group_sizes
+  expert = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=m)  # [M]
+  dest = pad_start[expert] + jnp.arange(m) - start[expert]  # row -> padded row
+  xp = jnp.zeros((nb * block, x.shape[1]), x.dtype).at[dest].set(x)
+  ends = jnp.cumsum(padded)
+  block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * block, side="right"),
+                             e - 1)  # [nb]
+  yp = jnp.einsum("bti,bio->bto", xp.reshape(nb, block, -1), jnp.take(w, block_expert, 0))
+  return jnp.take(yp.reshape(nb * block, -1), dest, axis=0)
 
 
 def route(cfg: config_lib.ModelConfig, x: jax.Array, router) -> tuple:
@@ -178,9 +216,11 @@ def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
   xs = jnp.take(x, order // k, axis=0)  # [N*k, D]
   group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)  # [E]
   experts = p["experts"]
-  gu = ragged_linear(xs, experts["gate_up_proj"]["kernel"], group_sizes)  # [N*k, 2F]
+  impl = cfg.moe_impl
+  gu = ragged_linear(xs, experts["gate_up_proj"]["kernel"], group_sizes, impl)  # [N*k, 2F]
   gate, up = jnp.split(gu, 2, axis=-1)
-  ys = ragged_linear(layers.swiglu(gate, up), experts["down_proj"]["kernel"], group_sizes)
+  ys = ragged_linear(layers.swiglu(gate, up), experts["down_proj"]["kernel"], group_sizes,
+                     impl)
   inverse = jnp.argsort(order)  # back to (token, slot) order
   ys = jnp.take(ys, inverse, axis=0).reshape(b * t, k, d)  # [N, k, D]
   y = jnp.einsum("nkd,nk->nd", ys, top_w.astype(ys.dtype))

@@ -78,13 +78,14 @@ class LoraKernel:
     return y + (self.scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", xl, a), b))
 
 
-  def ragged_linear(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  def ragged_linear(self, x: jax.Array, group_sizes: jax.Array,
+                    impl: str = "ragged") -> jax.Array:
     """MoE experts: rows x [M, in] sorted by expert, w [E, in, out], a [E, in, r],
     b [E, r, out] -> [M, out]; each row gets its own expert's W + scale * a @ b (grouped
     matmuls, `models.moe.ragged_linear`). No dropout (as PEFT's expert LoRA)."""
-    y = moe.ragged_linear(x, self.w, group_sizes)
-    xa = jax.lax.ragged_dot(x, self.a.astype(x.dtype), group_sizes)  # [M, r]
-    return y + self.scale * jax.lax.ragged_dot(xa, self.b.astype(x.dtype), group_sizes)
+    y = moe.ragged_linear(x, self.w, group_sizes, impl)
+    xa = moe.ragged_linear(x, self.a.astype(x.dtype), group_sizes, impl)  # [M, r]
+    return y + self.scale * moe.ragged_linear(xa, self.b.astype(x.dtype), group_sizes, impl)
 
 
 jax.tree_util.register_dataclass(LoraKernel)
