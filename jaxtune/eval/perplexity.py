@@ -154,7 +154,8 @@ def _place(batch: dict, mesh) -> dict:
 
 def _batches(seqs: Sequence[encode.Encoded], mesh, batch_size: int, pad_id: int):
   """(indices of the sequences, global batch) in batches of similar lengths."""
-  rows_per_device = mesh.shape["data"] * mesh.shape["fsdp"]
+  rows_per_device = int(np.prod([dict(mesh.shape).get(a, 1)  # the batch's mesh axes
+                                 for a in sharding.RULES["batch"]]))
   size = -(-max(1, batch_size) // rows_per_device) * rows_per_device
   order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together
   for start in range(0, len(seqs), size):
