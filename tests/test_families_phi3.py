@@ -127,8 +127,14 @@ def test_config_spellings_agree_with_transformers():
   # transformers computes the same attention factor from our export.
   inv, factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["longrope"](again, "cpu")
   assert factor == pytest.approx(rs.attention_factor)
-  np.testing.assert_allclose(np.asarray(layers.rope_inv_freq(cfg, np.zeros((1, 3), np.int32)))[0, 0],
-                             inv.numpy(), rtol=1e-6)
+  short = np.asarray(layers.rope_inv_freq(cfg, np.zeros((1, 3), np.int32)))[0, 0]
+  np.testing.assert_allclose(short, inv.numpy(), rtol=1e-6)
+  # transformers 4.x takes exactly type / short_factor / long_factor in rope_scaling; an
+  # attention factor other than the derived one is written too, and survives transformers.
+  assert sorted(hf_config.to_hf(cfg)["rope_scaling"]) == ["long_factor", "short_factor", "type"]
+  odd = dataclasses.replace(cfg, rope_scaling=dataclasses.replace(rs, attention_factor=1.7))
+  assert hf_config.from_hf(transformers.AutoConfig.for_model(
+      **hf_config.to_hf(odd)).to_dict()) == odd
 
 
 def test_refusals_name_the_field():

@@ -67,11 +67,10 @@ def _rope(d: dict[str, Any], source: str) -> tuple[dict[str, Any], float, config
   if original is None or not src.get("short_factor") or not src.get("long_factor"):
     raise ValueError(f"{source}: longrope needs original_max_position_embeddings, "
                      "short_factor and long_factor")
-  factor = src.get("factor") or int(d["max_position_embeddings"]) / int(original)
-  attention = src.get("attention_factor")
-  if attention is None:
-    attention = (1.0 if factor <= 1.0 else
-                 math.sqrt(1 + math.log(factor) / math.log(int(original))))
+  factor, attention = _derived(int(d["max_position_embeddings"]), int(original),
+                               src.get("factor"))
+  if src.get("attention_factor") is not None:
+    attention = float(src["attention_factor"])
   half = int(int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"])
              * partial) // 2
   for key in ("short_factor", "long_factor"):
@@ -120,11 +119,22 @@ def to_hf(cfg: config_lib.ModelConfig, dtype: str) -> dict[str, Any]:
                "attention_factor": rs.attention_factor,
                "original_max_position_embeddings": rs.original_max_position_embeddings}
     d["original_max_position_embeddings"] = rs.original_max_position_embeddings
-    d["rope_scaling"] = {k: v for k, v in scaling.items()
-                         if k not in ("original_max_position_embeddings",)}
-    d["rope_scaling"]["type"] = "longrope"
+    # transformers 4.x takes exactly type / short_factor / long_factor (5.x reads this dict
+    # before rope_parameters): factor and attention_factor only when not the derived ones.
+    derived = _derived(cfg.max_position_embeddings, rs.original_max_position_embeddings)
+    legacy = {"type": "longrope", "short_factor": scaling["short_factor"],
+              "long_factor": scaling["long_factor"]}
+    if (rs.factor, rs.attention_factor) != derived:
+      legacy.update(factor=rs.factor, attention_factor=rs.attention_factor)
+    d["rope_scaling"] = legacy
     d["rope_parameters"].update(scaling)
   return d
+
+
+def _derived(max_positions: int, original: int, factor=None) -> tuple[float, float]:
+  """(factor, attention_factor) as transformers derives them when the config has none."""
+  factor = float(factor or max_positions / original)
+  return factor, (1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
 
 
 FAMILY = base.Family(
