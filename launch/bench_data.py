@@ -9,7 +9,9 @@ r"""Data pipeline throughput: reading, rendering, tokenizing and packing, in mem
 Each run builds the data (`jaxtune.data.build` with the bundled tokenizer, or --tokenizer)
 and assembles every batch of one epoch, then prints one JSON line (and appends it to
 OUT/data_bench.jsonl): records, examples, tokens, seconds to build, seconds for the
-epoch's batches, records/s and tokens/s over both, and the process's peak resident memory.
+epoch's batches, records/s and tokens/s over both (wall clock, and per CPU second of this
+process: steadier on a shared machine; worker processes' CPU is not in it), and the
+process's peak resident memory.
 `warm` reuses the cache a previous `stream` run wrote (no tokenizer call).
 """
 
@@ -73,18 +75,20 @@ def main(argv):
                           seq_len=FLAGS.seq_len, batch_size=FLAGS.batch_size,
                           streaming=streamed, cache_dir=FLAGS.cache_dir if streamed else "",
                           workers=FLAGS.workers)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   ds = pipeline.build(cfg, tok)
   t1 = time.perf_counter()
   steps = -(-ds.stats["rows_per_epoch"] // FLAGS.batch_size)
   tokens = sum(int((next(ds.train)["segment_ids"] > 0).sum()) for _ in range(steps))
-  t2 = time.perf_counter()
+  t2, cpu = time.perf_counter(), time.process_time() - c0
   train = ds.stats["train"]
   row = {"mode": FLAGS.mode, "workers": FLAGS.workers, "records": train["records"],
          "examples": train["examples"], "tokens": train["tokens"], "batched_tokens": tokens,
          "build_s": round(t1 - t0, 3), "batches_s": round(t2 - t1, 3),
          "records_per_s": round(train["records"] / (t2 - t0), 1),
-         "tokens_per_s": round(train["tokens"] / (t2 - t0), 1),
+         "tokens_per_s": round(train["tokens"] / (t2 - t0), 1), "cpu_s": round(cpu, 3),
+         "records_per_cpu_s": round(train["records"] / cpu, 1),
+         "tokens_per_cpu_s": round(train["tokens"] / cpu, 1),
          "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
          "cache_hit": [c["hit"] for c in ds.stats.get("cache", [])]}
   print(json.dumps(row))

@@ -144,7 +144,7 @@ print(json.dumps({"growth": (peak - base) * 1024, "tokens": tokens,
 
 @pytest.mark.slow
 def test_streamed_resident_memory_stays_under_a_cap_4x_smaller_than_the_corpus(tmp_path):
-  cap = 4 << 20  # bytes of resident-memory growth allowed for build + batches
+  cap = 8 << 20  # bytes of resident-memory growth allowed for build + batches
   rng = np.random.default_rng(0)
   words = np.array("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split())
   path = tmp_path / "corpus.jsonl"
@@ -156,7 +156,7 @@ def test_streamed_resident_memory_stays_under_a_cap_4x_smaller_than_the_corpus(t
   assert p.returncode == 0, p.stderr[-3000:]
   out = json.loads(p.stdout.strip().splitlines()[-1])
   assert os.path.getsize(path) >= 4 * cap
-  assert out["examples"] > 4000 and out["tokens"] > 300 * 4 * 400  # it did read the corpus
+  assert out["examples"] > 30000 and out["tokens"] > 300 * 4 * 400  # it read the corpus
   assert out["growth"] < cap, f"peak resident memory grew {out['growth'] / 2**20:.1f} MiB"
 
 

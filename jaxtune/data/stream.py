@@ -39,7 +39,7 @@ from jaxtune.data import stats as stats_lib
 from jaxtune.data import store
 
 MARK = 4096  # records between seek marks (JSON lines)
-PIECE = 128  # records per unit of encoding work (bounds the memory of a build)
+PIECE = 64  # records per unit of encoding work (bounds the memory of a build)
 EVAL_SPLIT_SEED = 20250601  # the held-out split's seed (independent of data.seed)
 _log = logging.getLogger("jaxtune.data")
 
@@ -178,7 +178,11 @@ def _encoded(fn: EncodePiece, pieces: list[Piece], workers: int):
   if not flags.FLAGS.is_parsed():  # a library caller (not an absl main): grain reads flags
     flags.FLAGS.mark_as_parsed()
   ds = grain.MapDataset.source(pieces).map(fn).to_iter_dataset()
-  yield from ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers))
+  it = iter(ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=workers)))
+  try:
+    yield from it
+  finally:
+    it.close()  # stops and joins the worker processes
 
 
 def write_share(fn: EncodePiece, paths: tuple[str, str], start: int, stop: int,
