@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 
-import json
 import jax
 import numpy as np
 
@@ -69,10 +69,6 @@ def param_counts(cfg: config_lib.TrainConfig, model_cfg) -> tuple[int, int]:
   adapters = jax.eval_shape(lambda key: method.init(model_cfg, shapes, cfg.peft, key),
                             jax.random.PRNGKey(0))
   return total, _size(adapters.params)
-
-
-def _mb(n: float) -> str:
-  return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
 def memory_line(cfg, model_cfg, total: int, trainable: int) -> str:
