@@ -117,7 +117,7 @@ def test_files_and_functions_are_small():
 def test_registries_are_explicit_and_complete():
   method_files = {p.stem for p in (PKG / "methods").glob("*.py")}
   helpers = {"__init__", "base", "pairs", "content_keys", "teacher_table", "rewards",
-             "grpo_batch"}
+             "grpo_batch", "distill_onpolicy"}
   assert set(methods.METHODS) == method_files - helpers
   assert all(m.name == name for name, m in methods.METHODS.items())
   assert set(families.names()) >= {"llama", "mistral", "qwen2", "qwen3"}
