@@ -319,9 +319,7 @@ class DistillConfig:
   teacher_path: str = ""  # teacher: HF dir, hub id or run dir (same tokenizer)
   teacher_logits_file: str = ""  # precomputed teacher top-k (launch/teacher_logits.py)
   teacher_quant: str = "none"  # none | nf4 | int4
-  # GKD's lambda: the share of steps whose batch the student samples itself (prompts from the
-  # data, responses sampled with the current params; needs data.pack=false, alpha=1)
-  on_policy: float = 0.0
+  on_policy: float = 0.0  # GKD's lambda: share of steps on the student's samples (pack=false)
   max_new_tokens: int = 64  # on-policy: sampled response length limit
   sample_temperature: float = 1.0  # on-policy: sampling temperature
 
