@@ -2,6 +2,7 @@
 after SIGKILL, and disjoint per-process shares. References: the in-memory pipeline (every
 record in memory, the pre-existing path) and measured resident memory."""
 
+import csv
 import dataclasses
 import json
 import os
@@ -77,6 +78,11 @@ def _cases(tmp):
   _jsonl(tmp / "dir" / "a.jsonl", _instructions(23))
   _jsonl(tmp / "dir" / "b.jsonl", _instructions(31)[5:])
   bad = _jsonl(tmp / "bad.jsonl", _instructions(30), bad_lines=(3, 17))
+  with open(tmp / "arr.json", "w") as f:
+    json.dump(_instructions(19), f)
+  with open(tmp / "t.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["instruction", "output"]] + [
+        [r["instruction"], r["output"]] for r in _instructions(25)])
   return {
       "chat": (config.DataConfig(train_files=CHAT, batch_size=4, seq_len=128), "sft"),
       "text_windows": (config.DataConfig(train_files=TEXT, batch_size=4, seq_len=48), "sft"),
@@ -86,13 +92,16 @@ def _cases(tmp):
       "eval_files_unpacked": (config.DataConfig(
           train_files=str(tmp / "dir"), eval_files=bad, on_bad_record="skip", pack=False,
           batch_size=4, seq_len=64), "sft"),
+      "json_and_csv": (config.DataConfig(train_files=f"{tmp / 'arr.json'},{tmp / 't.csv'}",
+                                         batch_size=4, seq_len=64), "sft"),
       "preference": (config.DataConfig(batch_size=4, seq_len=128), "preference"),
       "prompt": (config.DataConfig(batch_size=4, seq_len=64), "prompt"),
   }
 
 
 @pytest.mark.parametrize("case", ["chat", "text_windows", "mixture_dir_skip",
-                                  "eval_files_unpacked", "preference", "prompt"])
+                                  "eval_files_unpacked", "json_and_csv", "preference",
+                                  "prompt"])
 def test_streamed_batches_equal_the_in_memory_ones(tmp_path, tok, small_pieces, case):
   cfg, kind = _cases(tmp_path)[case]
   memory = pipeline.build(cfg, tok, kind=kind)

@@ -12,7 +12,9 @@ each source:
      (store.py), then uses the other processes' shards as they appear in the shared cache
      directory, encoding a share itself when its shard does not appear in time (a cache
      directory that is not shared then still works, with every process doing all shares);
-  4. with `data.workers=N > 0` the pieces are encoded by N grain worker processes
+  4. the share is read in one sequential pass and encoded piece by piece; with
+     `data.workers=N > 0` and JSON-lines files, the pieces are instead read at their seek
+     marks and encoded by N grain worker processes
      (`grain.MapDataset(...).map(...).to_iter_dataset().mp_prefetch(...)`, order kept).
 
 Memory is bounded by a piece (PIECE records and their examples) plus per example a few
@@ -134,10 +136,12 @@ def first_records(src: sources.Source, limit: int = 64) -> list[tuple[str, Any]]
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-  """Records [start, stop) of a source, with their held-out flags."""
+  """Records [start, stop) of a source, with their held-out flags (and the records, when
+  the caller read them in one sequential pass)."""
   start: int
   stop: int
   held: np.ndarray  # [stop - start] bool
+  raw: list | None = None
 
 
 class EncodePiece:
@@ -148,7 +152,9 @@ class EncodePiece:
     self.src, self.marks, self.fmt, self.encode_records = src, marks, fmt, encode_records
 
   def __call__(self, piece: Piece):
-    raw = list(read_range(self.src, self.marks, piece.start, piece.stop))
+    raw = piece.raw
+    if raw is None:
+      raw = list(read_range(self.src, self.marks, piece.start, piece.stop))
     out = []
     for split in (False, True):
       tally = stats_lib.Tally()
@@ -163,11 +169,22 @@ def _pieces(start: int, stop: int, held: np.ndarray) -> list[Piece]:
           for a in range(start, stop, PIECE)]
 
 
-def _encoded(fn: EncodePiece, pieces: list[Piece], workers: int):
-  """fn over the pieces, in order: in this process, or in `workers` grain processes."""
-  if workers <= 0 or len(pieces) < 2:
-    yield from map(fn, pieces)
+def seekable(src: sources.Source) -> bool:
+  """True when a piece can be read on its own (JSON lines: seek marks)."""
+  return bool(src.files) and all(p.endswith(".jsonl") for p in src.files)
+
+
+def _encoded(fn: EncodePiece, start: int, stop: int, held: np.ndarray, workers: int):
+  """fn over the pieces of records [start, stop), in order: in this process over one
+  sequential read, or (JSON lines, workers > 0) in `workers` grain processes, each piece
+  read at its seek mark."""
+  if workers <= 0 or not seekable(fn.src) or stop - start <= PIECE:
+    records = read_range(fn.src, fn.marks, start, stop)
+    for a in range(start, stop, PIECE):
+      b = min(a + PIECE, stop)
+      yield fn(Piece(a, b, held[a:b], list(itertools.islice(records, b - a))))
     return
+  pieces = _pieces(start, stop, held)
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     import grain  # pylint: disable=g-import-not-at-top
@@ -193,7 +210,7 @@ def write_share(fn: EncodePiece, paths: tuple[str, str], start: int, stop: int,
   for t in tallies:
     t.add_source(fn.src.name, fn.fmt)
   try:
-    for out in _encoded(fn, _pieces(start, stop, held), workers):
+    for out in _encoded(fn, start, stop, held, workers):
       for w, t, (results, state, lengths) in zip(writers, tallies, out):
         for r in results:
           w.add(r)
