@@ -21,12 +21,19 @@ Batches (numpy, this process's batch_size / process_count rows; see packing.py):
   preference: the same keys, [B, 2, T] (0 = chosen, 1 = rejected), one pair per row
   prompt:     prompt_tokens, prompt_mask int32 [B, T] (left-padded), answers: list | None
 
-Modules: sources (files, dirs, hf:), formats (record formats, Bedrock content blocks),
-encode (chat rendering, loss masks, template check, rendering turn by turn), length
+Streamed (data.streaming=true, or a data.cache_dir): the same Datasets, with each source
+encoded share by share into the tokenized cache and read back lazily (stream.py, store.py,
+cache.py): memory independent of the corpus, the in-memory path's batches exactly.
+Loader.steps_for_epochs(E) is the run length of train.epochs=E.
+
+Modules: sources (files, dirs, hf:; through files.py, so fsspec URLs too), formats (record
+formats, Bedrock content blocks), encode (chat rendering, loss masks, template check, rendering turn by turn), length
 (splitting documents into windows, truncation), packing, mixture (weights, epochs), loader
 (resumable iteration), provenance (fingerprint), stats (counts, truncation and end-of-turn
 warnings), tokenizer_lib (the model's tokenizer, a run's tokenizer, export), make_assets
-(bundled data).
+(bundled data), files (open / list local paths and fsspec URLs), stream (counting,
+shares, pieces, grain workers), store (encoded examples on disk), cache (the tokenized
+cache's keys and entries).
 """
 
 from jaxtune.data.errors import DataError
