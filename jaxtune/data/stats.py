@@ -173,6 +173,11 @@ def summary(stats: dict[str, Any]) -> str:
       lines.append(f"  [{i}] {e['name']} ({e['format']}): {e['examples']} examples{weight}")
     for m in t["skip_messages"][:5]:
       lines.append(f"  skipped: {m}")
+  if stats.get("cache"):
+    hits = sum(c["hit"] for c in stats["cache"])
+    where = sorted({c["entry"].rsplit("/", 1)[0] for c in stats["cache"]})
+    lines.append(f"tokenized cache {', '.join(where)}: {hits} of {len(stats['cache'])} "
+                 "sources reused, the others encoded into it")
   for w in stats.get("warnings", []):
     lines.append(f"WARNING: {w}")
   return "\n".join(lines)
