@@ -267,11 +267,9 @@ class EvalConfig:
   kl_to_base: str = "auto"
   # Warn when retention_ppl exceeds its step-0 value by more than this fraction (0.1 = 10%).
   forgetting_tolerance: float = 0.1
-  # Warn when val_loss has risen for this many consecutive evals while the mean training
-  # loss between them fell (overfitting); 0 = off.
+  # Warn when val_loss rose at this many evals in a row while the training loss fell; 0 = off
   overfit_evals: int = 3
-  # Steps between generation metrics (val_bleu, val_chrf, val_rouge1/2/L/Lsum,
-  # val_exact_match) on held-out prompts; 0 = never.
+  # Steps between generation metrics (val_bleu, val_rougeL, ...) on held-out prompts; 0 = never
   generate_every: int = 0
   generate_examples: int = 16  # held-out records used for generation metrics
   max_new_tokens: int = 64  # generation length limit (greedy decoding)

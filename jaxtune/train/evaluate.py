@@ -28,10 +28,9 @@ Warnings (logged on the "jaxtune" logger, kept in report.md and the run summary)
   overfitting  val_loss rose at eval.overfit_evals consecutive evals while the mean training
                loss between them fell, once per such run of evals
 
-`checkpoint.keep_best=METRIC` keeps the checkpoint with the best value of METRIC (lower is
-better for val_loss*, retention_ppl and kl_to_base, higher for the generation metrics and
-val_accuracy) and exports it; early stopping counts evals without improvement of the same
-metric (val_loss when keep_best is unset).
+`checkpoint.keep_best=METRIC` keeps and exports the best checkpoint by METRIC (lower is
+better for val_loss*, retention_ppl, kl_to_base; higher for the generation metrics and
+val_accuracy); early stopping watches the same metric (val_loss when keep_best is unset).
 """
 
 from __future__ import annotations
@@ -193,7 +192,9 @@ def _pad(tok) -> int:
 class Tracker:
   """Retention set, generation prompts, base for KL, warnings (see the module docstring)."""
 
-  def __init__(self, job, saved: dict | None = None):
+  def __init__(self, job, saved: dict | None = None, initial=None):
+    """saved: the state from a checkpoint's meta; initial: () -> a copy of the initial
+    params (full fine-tuning's KL base with eval.kl_to_base=on)."""
     cfg = job.cfg
     self.cfg, self.e = cfg, cfg.eval
     self.book = Book(**(saved or {}))
@@ -210,7 +211,7 @@ class Tracker:
                     "measured from the next retention_ppl")
         self.book.retention_spec, self.book.base_ppl = self.e.retention_files, None
       if _kl_on(cfg):
-        self.base = self._base(job)
+        self.base = self._base(job, initial)
     if self.e.generate_every:
       self.prompts = heldout_data(job, self.e.generate_examples)
 
@@ -218,12 +219,12 @@ class Tracker:
   def active(self) -> bool:
     return self.retention is not None or self.prompts is not None
 
-  def _base(self, job) -> runner.Model:
+  def _base(self, job, initial) -> runner.Model:
     if job.ctx.adapters is not None:  # adapters off: the same arrays, no copy
       return runner.Model("base", job.run.model_cfg, job.run.frozen["base"])
-    from jaxtune.train import setup  # pylint: disable=g-import-not-at-top
-    _, params = setup.load_weights(self.cfg, job.run.mesh, job.tokenizer)
-    return runner.Model("base", job.run.model_cfg, params)
+    if initial is None:
+      raise ValueError("eval.kl_to_base=on for full fine-tuning needs the initial weights")
+    return runner.Model("base", job.run.model_cfg, initial())
 
   def to_meta(self) -> dict:
     return dataclasses.asdict(self.book)

@@ -346,7 +346,8 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
                             skipped_total=progress.skipped, source_names=ds.source_names)
   total, trainable = param_counts(job.run)
   _start_line(cfg, job, bar, start, total, trainable)
-  tracker = eval_lib.Tracker(job, progress.evals)
+  tracker = eval_lib.Tracker(job, progress.evals, initial=lambda: setup.load_weights(
+      cfg, job.run.mesh, job.tokenizer)[1])  # full FT's KL base, loaded only when asked
   tracker.start(job, state, start, writer)  # step 0: the base model's retention metrics
   progress.evals = tracker.to_meta()
   step, status = start, "completed"
