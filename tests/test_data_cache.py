@@ -159,3 +159,8 @@ def test_grain_worker_processes_write_the_same_store(tmp_path, tok, monkeypatch)
                            tok)
   assert _digests(workers, 25) == _digests(memory, 25)
   assert _stats(workers) == memory.stats
+
+
+def test_a_bucket_cache_dir_is_refused_naming_the_setting(tok):
+  with pytest.raises(ValueError, match=r"data.cache_dir='s3://b/c': the tokenized cache must"):
+    pipeline.build(config.DataConfig(train_files=CHAT, cache_dir="s3://b/c"), tok)

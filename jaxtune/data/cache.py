@@ -35,6 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from jaxtune import storage
+from jaxtune.data import errors
 from jaxtune.data import provenance
 from jaxtune.data import sources
 from jaxtune.data import store
@@ -46,8 +48,15 @@ ENCODE_KEYS = ("format", "text_field", "loss_policy", "seq_len", "truncation", "
 
 
 def directory(data_cfg) -> str:
-  return (data_cfg.cache_dir or os.environ.get("JAXTUNE_CACHE_DIR")
+  """data.cache_dir, else $JAXTUNE_CACHE_DIR, else ~/.cache/jaxtune/tokenized (a local or
+  shared-filesystem path: examples are read back with pread, so not a bucket URL)."""
+  path = (data_cfg.cache_dir or os.environ.get("JAXTUNE_CACHE_DIR")
           or os.path.join(os.path.expanduser("~"), ".cache", "jaxtune", "tokenized"))
+  if storage.is_remote(path):
+    raise errors.DataError(f"data.cache_dir={path!r}: the tokenized cache must be a local or "
+                           "shared-filesystem directory (its examples are read back by "
+                           "offset); expected a path, e.g. a bucket mount")
+  return os.path.expanduser(path)
 
 
 def source_digest(src: sources.Source) -> str:
