@@ -101,6 +101,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU, 1 warmup + 2 timed steps.")
   flags.DEFINE_integer("run_timeout", 1800, "Seconds before a run is killed.")
   flags.DEFINE_string("out_dir", "", "Write bench_families.json and .txt here.")
+  flags.DEFINE_list("merge", [], "Print (and with --out_dir write) one table from these "
+                    "bench_families.json files instead of running (runs split over several "
+                    "commands keep their 'vs peer' column).")
   flags.DEFINE_string("worker", "", "Internal: JSON spec of one run.")
 
 
@@ -341,8 +344,12 @@ def specs() -> list[dict]:
       if fw == "torch":
         out.append(dict(base, framework=fw, peer_ckpt=ckpt, peer_experts=FLAGS.peer_experts))
         continue
+      seen = []
       for variant in w.get("jax_variants", ({},)):
-        out.append(dict(base, framework=fw, peer_ckpt=ckpt, model={**variant, **model}))
+        m = {**variant, **model}  # --jax_model wins over the variants: no duplicate rows
+        if m not in seen:
+          seen.append(m)
+          out.append(dict(base, framework=fw, peer_ckpt=ckpt, model=m))
   return out
 
 
@@ -355,7 +362,10 @@ def main(argv):
       json.dump(run_worker(spec), f)
     return
   results = []
-  for spec in specs():
+  for path in FLAGS.merge:
+    with open(path) as f:
+      results += json.load(f)["results"]
+  for spec in [] if FLAGS.merge else specs():
     print(f"running {spec['workload']} {spec['framework']} ...", file=sys.stderr, flush=True)
     res = _derive(_isolated(spec))
     print(f"  -> {res.get('status')} {res.get('tokens_per_s', 0):,.0f} tokens/s "
