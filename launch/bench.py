@@ -117,6 +117,7 @@ TUNED = {
     ("1b", "full"): dict(remat="none", logits_chunk=4096, scan_layers=False),
     ("1b", "lora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
     ("1b", "qlora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
+    ("8b", "full"): dict(remat="full", logits_chunk=4096),  # unmeasured: the 8-GPU commands
     ("8b", "lora"): dict(remat="full", logits_chunk=4096),
     ("8b", "qlora"): dict(remat="full", logits_chunk=4096),
     ("tiny", "full"): dict(remat="none", logits_chunk=24, scan_layers=False),
