@@ -123,7 +123,11 @@ class _Text(str):
 
 
 def _short(v, limit: int = 80) -> str:
-  s = repr(v) if isinstance(v, str) and not isinstance(v, _Text) else str(v)
+  """A config value for a message, cut to `limit`; a description (`_Text`: a path and its
+  content digest) is never cut, or a long path would hide the digest that differs."""
+  if isinstance(v, _Text):
+    return str(v)
+  s = repr(v) if isinstance(v, str) else str(v)
   return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
