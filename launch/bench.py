@@ -50,9 +50,7 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,26 +127,9 @@ METHOD_NAMES = {"full": "full FT", "lora": "LoRA r16", "qlora": "QLoRA nf4"}
 
 
 def _isolated(spec: dict) -> dict:
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, os.path.abspath(__file__),
-           "--worker=" + json.dumps({**spec, "result_file": path})]
-    try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                            timeout=FLAGS.run_timeout)
-      log, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-      log, code = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT", "timeout"
-    if FLAGS.log_file:
-      with open(FLAGS.log_file, "a") as f:
-        f.write(f"==== {spec['workload']} seq={spec['seq']} {spec['framework']} "
-                f"{spec.get('variant', '')} rc={code}\n{log}\n")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-  return {**spec, "status": "error", "error": f"worker exit {code}: {log[-400:]}"}
+  return bench_workers.isolated(
+      os.path.abspath(__file__), spec, FLAGS.run_timeout, log_file=FLAGS.log_file,
+      header=f"{spec['workload']} seq={spec['seq']} {spec['framework']} {spec.get('variant', '')}")
 
 
 def _specs() -> list[dict]:

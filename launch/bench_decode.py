@@ -31,11 +31,8 @@ token; at 4.8 TB/s (H200) that bounds tokens/s at batch / (bytes / 4.8e12).
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import traceback
 
 from launch import bench_workers
 
@@ -234,39 +231,15 @@ def _torch_worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
   """One side of a decode workload in this process; never raises."""
-  t0 = time.perf_counter()
-  try:
-    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker
-    res = {"status": "ok", **fn(spec)}
-  except Exception as e:  # noqa: BLE001 (the table says what failed)
-    res = {"status": "oom" if bench_workers._is_oom(e) else "error",  # noqa: SLF001
-           "error": f"{type(e).__name__}: {e}"[:600]}
-    traceback.print_exc()
-  res["wall_s"] = time.perf_counter() - t0
-  return {**{k: v for k, v in spec.items() if k != "result_file"}, **res}
+  return bench_workers.guarded(
+      spec, _jax_worker if spec["framework"] == "jaxtune" else _torch_worker)
 
 
 def run_isolated(spec: dict, timeout: float, log_file: str = "") -> dict:
   """run_worker in a fresh `bench.py --worker` process (its own GPU memory), with a timeout."""
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, os.path.join(ROOT, "launch", "bench.py"),
-           "--worker=" + json.dumps({**spec, "result_file": path})]
-    try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-      log, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-      log, code = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT after {timeout:.0f} s", "timeout"
-    if log_file:
-      with open(log_file, "a") as f:
-        f.write(f"==== decode {spec['workload']} {spec['framework']} rc={code}\n{log}\n")
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-  return {**spec, "status": "timeout" if code == "timeout" else "error",
-          "error": f"worker exit {code}: {log[-400:]}"}
+  return bench_workers.isolated(os.path.join(ROOT, "launch", "bench.py"), spec, timeout,
+                                log_file=log_file,
+                                header=f"decode {spec['workload']} {spec['framework']}")
 
 
 def rows(results: list[dict]) -> list[dict]:

@@ -30,11 +30,8 @@ OUT_DIR/bench_families.txt (the printed table).
 import datetime
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -248,36 +245,12 @@ def _torch_worker(spec: dict) -> dict:
 
 def run_worker(spec: dict) -> dict:
   """One (workload, framework) in this process; never raises ('oom' / 'error' rows)."""
-  t0 = time.perf_counter()
-  try:
-    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker
-    res = {"status": "ok", **fn(spec)}
-  except Exception as e:  # noqa: BLE001 (the row says what failed)
-    res = {"status": "oom" if bench_workers._is_oom(e) else "error",  # noqa: SLF001
-           "error": f"{type(e).__name__}: {e}"[:600]}
-    traceback.print_exc()
-  res["wall_s"] = time.perf_counter() - t0
-  return {**{k: v for k, v in spec.items() if k != "result_file"}, **res}
+  return bench_workers.guarded(
+      spec, _jax_worker if spec["framework"] == "jaxtune" else _torch_worker)
 
 
 def _isolated(spec: dict) -> dict:
-  env = dict(os.environ)
-  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, os.path.abspath(__file__),
-           "--worker=" + json.dumps({**spec, "result_file": path})]
-    try:
-      proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                            timeout=FLAGS.run_timeout)
-      log, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-      log, code = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT", "timeout"
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)
-  status = "oom" if "out of memory" in log.lower() or "RESOURCE_EXHAUSTED" in log else "error"
-  return {**spec, "status": status, "error": f"worker exit {code}: {log[-400:]}"}
+  return bench_workers.isolated(os.path.abspath(__file__), spec, FLAGS.run_timeout)
 
 
 def _derive(r: dict) -> dict:

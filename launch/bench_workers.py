@@ -10,6 +10,7 @@ backend and a jax worker never imports torch.
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -344,14 +345,46 @@ def _is_oom(e: BaseException) -> bool:
                                  "Out of memory"))
 
 
-def run_worker(spec: dict) -> dict:
-  """Runs one (workload, framework) in this process; never raises."""
+def guarded(spec: dict, fn) -> dict:
+  """fn(spec) in this process as a row of the table: status ok, oom or error (with the
+  exception), wall_s; never raises, so one failing side never loses the other's row."""
   t0 = time.perf_counter()
   try:
-    fn = _jax_worker if spec["framework"] == "jaxtune" else _torch_worker  # torch[_compile]
     res = {"status": "ok", **fn(spec)}
   except Exception as e:  # noqa: BLE001 (a row of the table says what failed)
     res = {"status": "oom" if _is_oom(e) else "error", "error": f"{type(e).__name__}: {e}"[:600]}
     traceback.print_exc()
   res["wall_s"] = time.perf_counter() - t0
   return {**{k: v for k, v in spec.items() if k != "result_file"}, **res}
+
+
+def isolated(script: str, spec: dict, timeout: float, *, log_file: str = "",
+             header: str = "") -> dict:
+  """`python SCRIPT --worker=SPEC` in a fresh process (its own device memory, so no run's
+  buffers leak into the next row), killed after `timeout` s: the row the worker wrote, or a
+  timeout / oom / error row with the end of its log. log_file: every worker's output is
+  appended there under a '==== header rc=...' line."""
+  env = dict(os.environ)
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "result.json")
+    cmd = [sys.executable, script, "--worker=" + json.dumps({**spec, "result_file": path})]
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+      log, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+      log, code = f"{e.stdout or ''}{e.stderr or ''}\nTIMEOUT after {timeout:.0f} s", "timeout"
+    if log_file:
+      with open(log_file, "a") as f:
+        f.write(f"==== {header} rc={code}\n{log}\n")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)
+  oom = "out of memory" in log.lower() or "RESOURCE_EXHAUSTED" in log
+  status = "timeout" if code == "timeout" else "oom" if oom else "error"
+  return {**spec, "status": status, "error": f"worker exit {code}: {log[-400:]}"}
+
+
+def run_worker(spec: dict) -> dict:
+  """Runs one (workload, framework) in this process; never raises."""
+  return guarded(spec, _jax_worker if spec["framework"] == "jaxtune" else _torch_worker)
