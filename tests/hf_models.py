@@ -71,3 +71,21 @@ def logits(model, tokens, attention_mask=None, position_ids=None):
     out = model(input_ids=torch.as_tensor(tokens), attention_mask=attention_mask,
                 position_ids=position_ids)
   return out.logits.float().numpy()
+
+
+def tokens(seed: int, b: int = 2, t: int = 13, v: int = 101):
+  """Uniform random token ids [b, t] int32 below v, reproducible from seed."""
+  import numpy as np
+  return np.random.RandomState(seed).randint(0, v, size=(b, t)).astype(np.int32)
+
+
+def saved(family: str, tmp_path_factory) -> str:
+  """`make(family)` saved as safetensors in a fresh temporary directory (its path)."""
+  d = tmp_path_factory.mktemp(family)
+  make(family).save_pretrained(d, safe_serialization=True)
+  return str(d)
+
+
+def load(d: str):
+  """The float32 transformers model saved in d, in eval mode."""
+  return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()

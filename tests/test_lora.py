@@ -17,7 +17,6 @@ import peft
 import pytest
 import safetensors.numpy
 import torch
-import transformers
 
 import jaxtune
 from jaxtune import config as config_lib
@@ -35,7 +34,7 @@ CFG = config_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=1
 
 
 def _tokens(seed, b=2, t=19, v=101):
-  return np.random.RandomState(seed).randint(0, v, size=(b, t)).astype(np.int32)
+  return hf_models.tokens(seed, b, t, v)
 
 
 def _randomize(adapters, seed, std=0.1):
@@ -61,13 +60,10 @@ def base():
 
 @pytest.fixture(scope="module", params=["llama2", "qwen2", "qwen3"])
 def hf_dir(request, tmp_path_factory):
-  d = tmp_path_factory.mktemp(request.param)
-  hf_models.make(request.param).save_pretrained(d, safe_serialization=True)
-  return request.param, str(d)
+  return request.param, hf_models.saved(request.param, tmp_path_factory)
 
 
-def _hf_model(d):
-  return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+_hf_model = hf_models.load
 
 
 def test_init_output_equals_base_and_init_statistics(base):

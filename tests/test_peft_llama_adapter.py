@@ -16,7 +16,6 @@ import peft
 import pytest
 import safetensors.numpy
 import torch
-import transformers
 
 import jaxtune
 from jaxtune import config as config_lib
@@ -29,19 +28,15 @@ from tests import peft_utils
 PC = config_lib.PeftConfig(method="llama_adapter", adapter_len=4, adapter_layers=1)
 
 
-def _tokens(seed, b=2, t=13, v=101):
-  return np.random.RandomState(seed).randint(0, v, size=(b, t)).astype(np.int32)
+_tokens = hf_models.tokens
 
 
 @pytest.fixture(scope="module", params=["llama2", "mistral_window"])
 def hf_dir(request, tmp_path_factory):
-  d = tmp_path_factory.mktemp(request.param)
-  hf_models.make(request.param).save_pretrained(d, safe_serialization=True)
-  return request.param, str(d)
+  return request.param, hf_models.saved(request.param, tmp_path_factory)
 
 
-def _hf_model(d):
-  return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+_hf_model = hf_models.load
 
 
 def test_peft_made_adapter_loads_with_same_logits(hf_dir, tmp_path):
