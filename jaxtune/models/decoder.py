@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jaxtune import config as config_lib
 from jaxtune import tree
 from jaxtune.models import cache as cache_lib
+from jaxtune.models import fused
 from jaxtune.models import head
 from jaxtune.models import layer_pattern
 from jaxtune.models import layers
@@ -166,9 +167,13 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
   attn_p = layer["self_attn"]
   b, t, _ = x.shape
   h = layers.norm(cfg, x, layer["input_layernorm"]["scale"])
-  q = lin(h, attn_p["q_proj"]).reshape(b, t, cfg.num_heads, cfg.head_dim)
-  k = lin(h, attn_p["k_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-  v = lin(h, attn_p["v_proj"]).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if fused.QKV in attn_p:  # the sampler's decode program (models/fused.py)
+    q, k, v = fused.split(lin(h, attn_p[fused.QKV]), (cfg.q_size, cfg.kv_size, cfg.kv_size))
+  else:
+    q, k, v = (lin(h, attn_p[n]) for n in ("q_proj", "k_proj", "v_proj"))
+  q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   if cfg.qk_norm:
     q = layers.norm(cfg, q, attn_p["q_norm"]["scale"])
     k = layers.norm(cfg, k, attn_p["k_norm"]["scale"])
@@ -203,7 +208,11 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
     m, stats = moe.mlp(cfg, h, mlp_p, mask=None if segment_ids is None else segment_ids > 0)
     kv = stats if kv is None else kv
   else:
-    g = layers.gated(cfg, lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"]))
+    if fused.GATE_UP in mlp_p:
+      gate, up = jnp.split(lin(h, mlp_p[fused.GATE_UP]), 2, axis=-1)
+    else:
+      gate, up = lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"])
+    g = layers.gated(cfg, gate, up)
     g = constrain(g, ("batch", "seq", "act_mlp"))
     m = lin(g, mlp_p["down_proj"])
   if cfg.sandwich_norms:

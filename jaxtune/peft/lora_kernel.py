@@ -78,6 +78,30 @@ class LoraKernel:
     return y + (self.scale * jnp.einsum("...r,rf->...f", jnp.einsum("...d,dr->...r", xl, a), b))
 
 
+  @classmethod
+  def concat_out(cls, kernels: list) -> "LoraKernel | None":
+    """LoRA kernels side by side (`models.fused.concat_out`, the sampler's fused q|k|v and
+    gate|up): the bases concatenated, the `a` factors concatenated [..., in, sum r] and the
+    `b` factors, each times its own scale, on a block diagonal [..., sum r, sum out], so
+    x @ a @ b gives each part's own update. None with dropout keys (training) or a base
+    that cannot be joined (4-bit)."""
+    from jaxtune.models import fused  # models never import peft; the reverse is fine
+    if any(k.key is not None for k in kernels):
+      return None
+    w = fused.concat_out([k.w for k in kernels])
+    if w is None:
+      return None
+    a = jnp.concatenate([k.a for k in kernels], axis=-1)
+    dtype = kernels[0].b.dtype
+    ranks = [k.b.shape[-2] for k in kernels]
+    rows = []
+    for i, k in enumerate(kernels):
+      b = (k.b * k.scale).astype(dtype) if k.scale != 1.0 else k.b.astype(dtype)
+      row = [b if j == i else jnp.zeros((*b.shape[:-2], ranks[i], o.b.shape[-1]), dtype)
+             for j, o in enumerate(kernels)]
+      rows.append(jnp.concatenate(row, axis=-1))
+    return cls(w=w, a=a, b=jnp.concatenate(rows, axis=-2), key=None, scale=1.0)
+
   def ragged_linear(self, x: jax.Array, group_sizes: jax.Array,
                     impl: str = "ragged") -> jax.Array:
     """MoE experts: rows x [M, in] sorted by expert, w [E, in, out], a [E, in, r],

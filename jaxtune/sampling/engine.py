@@ -41,6 +41,7 @@ from jaxtune import config as config_lib
 from jaxtune import sharding
 from jaxtune.models import cache
 from jaxtune.models import decoder
+from jaxtune.models import fused
 from jaxtune.models import head
 from jaxtune.sampling import select
 
@@ -62,6 +63,7 @@ class Plan:
   eos: int  # E eos-id slots
   mode: select.Mode
   virtual: int = 0  # V prompt-tuning tokens in front of every prompt (cache columns)
+  fuse: bool = True  # decode with q|k|v and gate|up fused (models/fused.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,7 +203,12 @@ def _decode(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, state: 
            plan.batch, plan.slots, plan.chunk)
   constrain = sharding.constrainer(mesh)
   if not cfg.scan_layers:  # slice each layer's weights once, not once per token
-    params = dict(params, layers=decoder.split_layers(cfg, params["layers"]))
+    per_layer = decoder.split_layers(cfg, params["layers"])
+    if plan.fuse and (mesh is None or dict(mesh.shape).get(sharding.RULES["mlp"], 1) == 1):
+      # Side-by-side projections, joined once here (a transient copy of those weights).
+      # Not over a 'tensor' axis, whose shards of the parts would not line up.
+      per_layer = tuple(fused.fuse_layer(layer) for layer in per_layer)
+    params = dict(params, layers=per_layer)
   step = functools.partial(_step, cfg, plan, constrain, params)
 
   def cond(s):

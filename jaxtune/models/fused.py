@@ -1,0 +1,73 @@
+"""Side-by-side projections for decoding: q|k|v and gate|up as one matrix product each.
+
+A decode step multiplies a few hundred rows by every weight, so its matrix products are
+short and wide, and several small ones cost more than one of their combined width (one
+H200, Llama-3.2-1B shape, 256 rows: the q, k, v, o, gate, up, down products of 16 layers
+take 1.49 ms separately and 1.09 ms with q|k|v and gate|up fused; docs/BENCHMARKS.md). The
+sampler's decode program (`sampling/engine.py`) therefore adds, before its loop, a fused
+entry beside each layer's own projections:
+
+    self_attn: {"q_proj", "k_proj", "v_proj", ...} + {"qkv_proj": {"kernel": [D, (H+2K)*Dh]}}
+    mlp:       {"gate_proj", "up_proj", "down_proj"} + {"gate_up_proj": {"kernel": [D, 2F]}}
+
+and the decoder block (`decoder._block`) uses a fused entry when it finds one. The weights
+are concatenated once per decode call (a transient copy of those projections), never per
+token. Leaves are concatenated by `concat_out`: dense arrays directly, adapter leaves that
+know how (`LoraKernel.concat_out`: bases side by side, LoRA factors block-diagonal); a
+4-bit base or any other leaf is left unfused. Training never sees these entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+QKV = "qkv_proj"
+GATE_UP = "gate_up_proj"
+_GROUPS = (("self_attn", QKV, ("q_proj", "k_proj", "v_proj")),
+           ("mlp", GATE_UP, ("gate_proj", "up_proj")))
+
+
+def concat_out(kernels: list) -> Any:
+  """One kernel leaf [..., in, sum(out)] equal to `kernels` ([..., in, out_i]) side by side,
+  or None when some leaf cannot be concatenated. A leaf type joins in by defining a
+  classmethod `concat_out(kernels)` returning such a leaf or None."""
+  if all(isinstance(k, jax.Array) for k in kernels):
+    return jnp.concatenate(kernels, axis=-1)
+  first = type(kernels[0])
+  join = getattr(first, "concat_out", None)
+  if join is None or any(type(k) is not first for k in kernels):
+    return None
+  return join(kernels)
+
+
+def fuse_layer(layer: dict) -> dict:
+  """One layer's params with the fused entries added where every part can be joined (the
+  parts' own entries stay: adapters such as LLaMA-Adapter read k_proj / v_proj)."""
+  out = dict(layer)
+  for group, name, parts in _GROUPS:
+    sub = layer.get(group)
+    if not isinstance(sub, dict) or not all(p in sub for p in parts):
+      continue  # an MoE layer's mlp, or a family without these projections
+    biases = [sub[p].get("bias") for p in parts]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+      continue
+    kernel = concat_out([sub[p]["kernel"] for p in parts])
+    if kernel is None:
+      continue
+    entry = {"kernel": kernel}
+    if biases[0] is not None:
+      entry["bias"] = jnp.concatenate(biases, axis=-1)
+    out[group] = dict(sub, **{name: entry})
+  return out
+
+
+def split(y: jax.Array, sizes: tuple[int, ...]) -> list[jax.Array]:
+  """A fused product's output [..., sum(sizes)] back into its parts."""
+  cuts, at = [], 0
+  for s in sizes[:-1]:
+    at += s
+    cuts.append(at)
+  return jnp.split(y, cuts, axis=-1)
