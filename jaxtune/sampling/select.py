@@ -67,12 +67,18 @@ def pick(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.
          min_p: jax.Array, *, mode: Mode) -> tuple[jax.Array, jax.Array]:
   """One token per row. logits [B, V]; keys [B, 2] uint32 (one PRNG key per row);
   temperature, top_p, min_p [B] float32 (temperature 0 = greedy) -> (tokens [B] int32,
-  log-probs [B] float32, see the module docstring)."""
+  log-probs [B] float32, see the module docstring).
+
+  Sampled rows draw by inverse CDF (`draw`: one uniform per row from its key); greedy rows
+  take the argmax of the same filtered logits, which the filters never remove, so it is the
+  greedy token.
+  """
   logits = logits.astype(jnp.float32)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not mode.sample:
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return greedy, _logprob(logits, greedy)
-  t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  sampled_row = temperature > 0
+  t = jnp.where(sampled_row, temperature, 1.0)[:, None]
   z = logits / t
   f = z
   if mode.top_k:
@@ -81,9 +87,58 @@ def pick(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.
     f = top_p_filter(f, top_p)
   if mode.min_p:
     f = min_p_filter(f, min_p)
-  sampled = jax.vmap(jax.random.categorical)(keys, f).astype(jnp.int32)
-  tokens = jnp.where(temperature > 0, sampled, greedy)
-  return tokens, _logprob(z, tokens)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+  greedy, sampled, lse = draw(f, u)
+  tokens = jnp.where(sampled_row, sampled, greedy)
+  if mode.top_k or mode.top_p or mode.min_p:  # the log-prob is before truncation
+    return tokens, _logprob(z, tokens)
+  picked = jnp.take_along_axis(z, tokens[:, None], axis=-1)[:, 0]
+  return tokens, picked - lse
+
+
+def _block_size(vocab: int) -> int:
+  return next((b for b in (1024, 512, 256, 128) if vocab % b == 0), 1024)
+
+
+def draw(f: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sample from softmax(f) by inverse CDF: f [B, V] float32 (-inf = excluded), u [B] in
+  [0, 1) -> (argmax [B], sampled [B] int32, logsumexp(f) [B]).
+
+  The token is the first whose cumulative probability exceeds u, found in two levels so no
+  [B, V] cumulative sum is formed: the vocabulary in blocks of 128-1024 entries, each
+  block's mass (one pass over f after the one for its max), the block where the cumulative
+  mass crosses u * total, then the entry inside that block. Two passes over the logits and
+  one random number per row, where a Gumbel-max draw needs a random number per entry.
+  Mass is never assigned to an excluded entry: a rounding overshoot falls back to the last
+  entry with mass.
+  """
+  b, v = f.shape
+  bs = _block_size(v)
+  nb = -(-v // bs)
+  if nb * bs != v:
+    f = jnp.pad(f, ((0, 0), (0, nb * bs - v)), constant_values=-jnp.inf)
+  greedy = jnp.argmax(f, axis=-1).astype(jnp.int32)
+  m = jnp.take_along_axis(f, greedy[:, None], axis=-1)  # [B, 1]: the max
+  blocks = f.reshape(b, nb, bs)
+  mass = jnp.sum(jnp.exp(blocks - m[:, :, None]), axis=-1)  # [B, nb]
+  cum = jnp.cumsum(mass, axis=-1)
+  total = cum[:, -1]
+  target = u * total
+  j = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), _last_positive(mass))
+  rest = target - (_at(cum, j) - _at(mass, j))
+  inside = jnp.exp(jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0] - m)  # [B, bs]
+  i = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) <= rest[:, None], axis=-1),
+                  _last_positive(inside))
+  return greedy, (j * bs + i).astype(jnp.int32), m[:, 0] + jnp.log(total)
+
+
+def _at(x: jax.Array, idx: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
+
+
+def _last_positive(x: jax.Array) -> jax.Array:
+  """Index of the last entry > 0 of each row of x [B, N]."""
+  return x.shape[-1] - 1 - jnp.argmax(x[:, ::-1] > 0, axis=-1)
 
 
 def _logprob(z: jax.Array, tokens: jax.Array) -> jax.Array:
