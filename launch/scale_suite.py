@@ -29,7 +29,6 @@ machine sets them, and set if missing).
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -147,10 +146,10 @@ def _train_stats(workdir: str) -> dict:
   if not os.path.exists(path):
     return {}
   rows = [json.loads(l) for l in open(path) if l.strip()]
-  rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
-  return {"tokens_per_s": statistics.median(rates) if rates else None,
-          "mfu": statistics.median([r["mfu"] for r in rows if "mfu" in r and r["step"] > 3]
-                                   or [float("nan")]),
+  # The last row's rate is the whole timing window's (every step after the compiling one).
+  rated = [r for r in rows if "tokens_per_s" in r]
+  return {"tokens_per_s": rated[-1]["tokens_per_s"] if rated else None,
+          "mfu": rated[-1].get("mfu", float("nan")) if rated else float("nan"),
           "losses": {r["step"]: r["loss"] for r in rows if "loss" in r}}
 
 

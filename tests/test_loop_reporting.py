@@ -106,6 +106,42 @@ def test_tokens_per_s_is_never_overstated(two_files, tmp_path, monkeypatch):
   assert all(v <= bound for v in rates.values()), (rates, bound)
 
 
+def test_first_step_execution_is_not_counted(two_files, tmp_path, monkeypatch):
+  """The first (compiling) step is dispatched asynchronously; its execution (1 s here, a
+  host callback) must finish before the timing window opens, or every logged rate divides
+  the counted tokens by one extra step time (the launcher then read 0.86x its real speed)."""
+  import jax
+  from jaxtune.train import setup
+
+  def sleep(x):
+    time.sleep(1.0)
+    return x
+
+  slow = jax.jit(lambda m: jax.tree.map(
+      lambda a: jax.pure_callback(sleep, jax.ShapeDtypeStruct(a.shape, a.dtype), a), m))
+  real_jit, calls = setup.jit_train_step, []
+
+  def jit_train_step(*args, **kwargs):
+    step = real_jit(*args, **kwargs)
+
+    def wrapped(state, frozen, batch):
+      state, metrics = step(state, frozen, batch)
+      calls.append(1)
+      return state, slow(metrics) if len(calls) == 1 else metrics
+    return wrapped
+
+  monkeypatch.setattr(setup, "jit_train_step", jit_train_step)
+  wd = str(tmp_path / "run")
+  t0 = time.perf_counter()
+  loop.train(tiny_cfg(two_files[0], max_steps=3, eval_every=0), wd)
+  assert time.perf_counter() - t0 > 1.0  # the slow first step did run
+  got = [r for r in rows(wd) if "tokens_per_s" in r]
+  assert [r["step"] for r in got] == [2, 3]
+  tokens = got[-1]["tokens_per_s"]  # tokens of steps 2-3 over their window: well under 1 s
+  per_step = 2 * tiny_cfg(two_files[0]).data.batch_size * tiny_cfg(two_files[0]).data.seq_len
+  assert tokens > 2 * per_step, got  # with step 1 in the window: <= per_step / 1 s
+
+
 def _events(tb_dir):
   """(file, event) in file order, parsed from TFRecord files."""
   out = []

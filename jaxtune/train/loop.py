@@ -196,8 +196,9 @@ def _steps(job: setup.Job, ckpt, meter, state, start: int, progress: Progress,
       state, fut = run.train_step(state, run.frozen,
                                   device_batch(host_batch, run.batch_sharding))
       run.state = state
-      if step == start:
-        meter.pause()  # compiled in the dispatch above: that step's time is not counted
+      if step == start:  # compiled in the dispatch above: that step is not counted, its
+        jax.block_until_ready(fut)  # execution included (else it runs into the next window)
+        meter.pause()
       step += 1
       meter.push(step, fut, _tokens(host_batch), **({} if epoch is None else {"epoch": epoch}))
       meter.bar.update(1)

@@ -13,7 +13,8 @@ file name (`loss/chat.jsonl`).
 on the step it just launched). Its tokens/s is an average over a window that starts when
 the host begins preparing a batch after a pause (compilation, eval, checkpoint) and ends
 when the step's results are fetched: every counted step's batch preparation and device time
-lies inside the window, so the rate is never overstated (at most slightly understated).
+lies inside the window, so the rate is never overstated. The loop waits for the first
+(compiling) step to finish before the window opens, so no uncounted step runs inside it.
 """
 
 from __future__ import annotations
