@@ -122,6 +122,50 @@ def test_peft_lora_adapter_equals_peft_model_generate(llama, tmp_path):
     assert ours == _hf_greedy(pm, p, 10), p
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_fused_projections_decode_like_separate_ones(llama, tmp_path, monkeypatch, caplog,
+                                                     scan_layers):
+  """The decode program's fused q|k|v and gate|up (models/fused.py), with and without a LoRA
+  adapter on all 7 projections: the same greedy tokens and log-probs (1e-5) as the separate
+  products, scanned and unrolled layers; and the memory gate turns fusion off."""
+  import dataclasses
+  import logging
+
+  import jax
+  model, cfg, params, _ = llama
+  cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
+  pm = peft.get_peft_model(hf_models.make("llama2"), peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                         "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+  torch.manual_seed(3)
+  with torch.no_grad():
+    for n, p in pm.named_parameters():
+      if "lora_" in n:
+        p.normal_(0.0, 0.2)
+  pm.save_pretrained(tmp_path / "adapter")
+  adapters = jaxtune.peft.load_peft(cfg, str(tmp_path / "adapter"))
+  prompts = _prompts(4, (5, 9, 3))
+
+  def run(fits, lora):
+    monkeypatch.setattr(engine, "_free_bytes", lambda: None if fits else 0)
+    jax.clear_caches()  # so the decode program is traced (and logs) here
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxtune.sampling"):
+      gen = jaxtune.generate(cfg, params, prompts, max_new_tokens=9, temperature=0.0,
+                             eos_ids=(), lora=lora)
+    compiled = [r.getMessage() for r in caplog.records if "compiling decode" in r.getMessage()]
+    return gen, compiled
+
+  for lora in (None, adapters):
+    fused, log_fused = run(True, lora)
+    apart, log_apart = run(False, lora)
+    assert log_fused and all("fused projections" in m for m in log_fused)
+    assert log_apart and not any("fused projections" in m for m in log_apart)
+    assert fused.tokens == apart.tokens
+    np.testing.assert_allclose(np.concatenate(fused.logprobs), np.concatenate(apart.logprobs),
+                               atol=1e-5)
+
+
 def _nucleus(probs, p):
   order = np.argsort(-probs)
   before = np.cumsum(probs[order]) - probs[order]

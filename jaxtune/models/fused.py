@@ -10,9 +10,11 @@ entry beside each layer's own projections:
     self_attn: {"q_proj", "k_proj", "v_proj", ...} + {"qkv_proj": {"kernel": [D, (H+2K)*Dh]}}
     mlp:       {"gate_proj", "up_proj", "down_proj"} + {"gate_up_proj": {"kernel": [D, 2F]}}
 
-and the decoder block (`decoder._block`) uses a fused entry when it finds one. The weights
-are concatenated once per decode call (a transient copy of those projections), never per
-token. Leaves are concatenated by `concat_out`: dense arrays directly, adapter leaves that
+and the decoder block (`decoder._block`) uses a fused entry when it finds one (unrolled
+layers get it per layer, a uniform scanned stack [L, ...] along the same last axis). The
+weights are concatenated once per decode call, never per token: a transient copy of those
+projections, which the sampler makes only when it takes at most half the free device memory
+(`engine.fuse_fits`; ~2 GB for a 1B model, ~14 GB for an 8B one in bf16). Leaves are concatenated by `concat_out`: dense arrays directly, adapter leaves that
 know how (`LoraKernel.concat_out`: bases side by side, LoRA factors block-diagonal); a
 4-bit base or any other leaf is left unfused. Training never sees these entries.
 """
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 
 QKV = "qkv_proj"
 GATE_UP = "gate_up_proj"
-_GROUPS = (("self_attn", QKV, ("q_proj", "k_proj", "v_proj")),
+GROUPS = (("self_attn", QKV, ("q_proj", "k_proj", "v_proj")),
            ("mlp", GATE_UP, ("gate_proj", "up_proj")))
 
 
@@ -47,7 +49,7 @@ def fuse_layer(layer: dict) -> dict:
   """One layer's params with the fused entries added where every part can be joined (the
   parts' own entries stay: adapters such as LLaMA-Adapter read k_proj / v_proj)."""
   out = dict(layer)
-  for group, name, parts in _GROUPS:
+  for group, name, parts in GROUPS:
     sub = layer.get(group)
     if not isinstance(sub, dict) or not all(p in sub for p in parts):
       continue  # an MoE layer's mlp, or a family without these projections

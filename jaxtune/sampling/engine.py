@@ -43,6 +43,8 @@ from jaxtune.models import cache
 from jaxtune.models import decoder
 from jaxtune.models import fused
 from jaxtune.models import head
+from jaxtune.models import layer_pattern
+from jaxtune.models import moe
 from jaxtune.sampling import select
 
 log = logging.getLogger("jaxtune.sampling")
@@ -196,19 +198,29 @@ def _step(cfg: config_lib.ModelConfig, plan: Plan, constrain, params: dict, s: d
   return out
 
 
+def _fusable(cfg: config_lib.ModelConfig) -> bool:
+  """Layers whose params `fused.fuse_layer` may extend: unrolled, or scanned as one uniform
+  stack (layer patterns and mixed dense/MoE stacks slice their layers themselves)."""
+  return not cfg.scan_layers or (layer_pattern.uniform(cfg) and not moe.is_mixed(cfg))
+
+
 def _decode(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, state: dict,
             stop_at: jax.Array) -> dict:
   TRACES["decode"] += 1
-  log.info("sampling: compiling decode for %d rows, %d cache slots, %d steps per check",
-           plan.batch, plan.slots, plan.chunk)
+  # Side-by-side projections (models/fused.py), joined once here: a transient copy of those
+  # weights. Not over a 'tensor' axis, whose shards of the parts would not line up.
+  fuse = (plan.fuse and _fusable(cfg)
+          and (mesh is None or dict(mesh.shape).get(sharding.RULES["mlp"], 1) == 1))
+  log.info("sampling: compiling decode for %d rows, %d cache slots, %d steps per check%s",
+           plan.batch, plan.slots, plan.chunk, ", fused projections" if fuse else "")
   constrain = sharding.constrainer(mesh)
   if not cfg.scan_layers:  # slice each layer's weights once, not once per token
     per_layer = decoder.split_layers(cfg, params["layers"])
-    if plan.fuse and (mesh is None or dict(mesh.shape).get(sharding.RULES["mlp"], 1) == 1):
-      # Side-by-side projections, joined once here (a transient copy of those weights).
-      # Not over a 'tensor' axis, whose shards of the parts would not line up.
+    if fuse:
       per_layer = tuple(fused.fuse_layer(layer) for layer in per_layer)
     params = dict(params, layers=per_layer)
+  elif fuse:  # stacked [L, ...]: joined along the same last axis
+    params = dict(params, layers=fused.fuse_layer(params["layers"]))
   step = functools.partial(_step, cfg, plan, constrain, params)
 
   def cond(s):
@@ -234,8 +246,48 @@ def advance(cfg: config_lib.ModelConfig, params: dict, plan: Plan, state: dict, 
             *, mesh=None) -> dict:
   """Decode until every row stopped or `stop_at` columns exist (rounded up to a chunk).
 
-  `state` is donated: use the returned one."""
+  `state` is donated: use the returned one. The fused projections (plan.fuse) are kept
+  only when their transient copy fits (`fuse_fits`)."""
+  if plan.fuse and _fusable(cfg) and not fuse_fits(params):
+    plan = dataclasses.replace(plan, fuse=False)
   return _decode_jit(cfg, plan, mesh, params, state, jnp.asarray(stop_at, jnp.int32))
+
+
+def fused_bytes(params: dict) -> int:
+  """Bytes per device of the copy `fused.fuse_layer` makes: every dense array under the
+  layers' q/k/v and gate/up projections (a 4-bit base is never copied), per its shard."""
+  total = 0
+  for layer in (params["layers"] if isinstance(params["layers"], tuple)
+                else (params["layers"],)):
+    for group, _, parts in fused.GROUPS:
+      for part in parts:
+        for x in jax.tree_util.tree_leaves(layer.get(group, {}).get(part, {})):
+          if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            shape = x.sharding.shard_shape(x.shape)
+            total += int(np.prod(shape)) * x.dtype.itemsize
+  return total
+
+
+def _free_bytes() -> int | None:
+  """Free memory of the first local device, or None where the backend does not say (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def fuse_fits(params: dict) -> bool:
+  """Whether the fused projections' transient copy takes at most half the free device
+  memory (an 8B model's is ~14 GB in bf16: kept on a large GPU, dropped on a full one)."""
+  free = _free_bytes()
+  if free is None:
+    return True
+  need = fused_bytes(params)
+  ok = need <= free // 2
+  if not ok:
+    log.info("sampling: decoding without fused projections (their copy, %.1f GiB, is more "
+             "than half the free %.1f GiB)", need / 2**30, free / 2**30)
+  return ok
 
 
 def finished(state: dict) -> bool:
