@@ -179,6 +179,56 @@ def test_aux_loss_and_objective_equal_transformers(pair):
   np.testing.assert_allclose(float(num / den), float(out.aux_loss), rtol=1e-5)
 
 
+@pytest.mark.parametrize("pair", ["mixtral", "qwen3_moe_mixed"], indirect=True)
+@pytest.mark.parametrize("method", ["dpo", "reward", "distill", "grpo"])
+def test_every_objective_adds_the_aux_loss(pair, method):
+  """DPO, reward, distillation and GRPO objectives, like SFT's: the logged moe_aux_loss is
+  transformers' load_balancing_loss_func over the same rows (padding excluded), and the
+  objective's sum grows by router_aux_loss_coef * aux * its weight (pairs, tokens)."""
+  import dataclasses
+  from jaxtune import config as config_lib
+  from jaxtune.methods import distill, dpo, grpo, reward
+  _, model, _, cfg, params = pair
+  t = 15
+  toks = tokens(4, t, seed=5)
+  lengths = np.array([t, t - 3, t - 6, t - 2])
+  mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+  toks = toks * mask
+  loss_mask = np.concatenate([mask[:, 1:], 0 * mask[:, :1]], axis=1).astype(np.float32)
+  rows = {"tokens": toks, "segment_ids": mask, "targets": np.roll(toks, -1, axis=1),
+          "loss_mask": loss_mask}
+  with torch.no_grad():
+    want = float(model(input_ids=torch.as_tensor(toks, dtype=torch.long),
+                       attention_mask=torch.as_tensor(mask), output_router_logits=True).aux_loss)
+
+  def build(c):
+    if method in ("dpo", "reward"):  # rows 2b / 2b+1 = chosen / rejected of pair b
+      batch = {k: jnp.asarray(v.reshape(2, 2, t)) for k, v in rows.items()}
+      if method == "dpo":
+        return dpo.make_objective(c, config_lib.DpoConfig(), "none"), params, {}, batch
+      trainable = dict(params, **{reward.HEAD: reward.init_head(c, jax.random.PRNGKey(0),
+                                                                std=0.1)})
+      return (reward.make_objective(c, config_lib.RewardConfig(), pad_id=0), trainable, {},
+              batch)
+    batch = {k: jnp.asarray(v) for k, v in rows.items()}
+    if method == "distill":
+      return (distill.make_objective(c, c, config_lib.DistillConfig(), vocab=c.vocab_size),
+              params, {distill.TEACHER: params}, batch)
+    batch = dict(batch, advantages=jnp.asarray([[1.0], [-0.5], [0.25], [-1.0]]),
+                 sampler_logps=jnp.zeros((4, t), jnp.float32))
+    return grpo.make_objective(c, config_lib.GrpoConfig()), params, {}, batch
+
+  fn, trainable, frozen, batch = build(cfg)
+  total, (weight, metrics) = jax.jit(fn)(trainable, frozen, batch, None)
+  num, den = metrics["moe_aux_loss"]
+  np.testing.assert_allclose(float(num / den), want, rtol=1e-5)
+  fn0, trainable, frozen, batch = build(dataclasses.replace(cfg, router_aux_loss_coef=0.0))
+  total0, (weight0, metrics0) = jax.jit(fn0)(trainable, frozen, batch, None)
+  assert float(weight) == float(weight0) > 0
+  np.testing.assert_allclose(float(total - total0), cfg.router_aux_loss_coef * want *
+                             float(weight), rtol=1e-4)
+
+
 @pytest.mark.parametrize("pair", ["qwen3_moe", "qwen3_moe_mixed"], indirect=True)
 def test_greedy_generation_equals_transformers(pair):
   """MoE decode in the sampler: the KV-cache path routes one token at a time."""

@@ -97,21 +97,26 @@ def llama(tmp_path_factory):
   return model, cfg, params, str(d)
 
 
-def test_peft_lora_adapter_equals_peft_model_generate(llama, tmp_path):
-  """A peft LoRA adapter (all 7 projections, non-zero B) applied unmerged = PeftModel greedy."""
-  model, cfg, params, d = llama
-  base = hf_models.make("llama2")
-  pm = peft.get_peft_model(base, peft.LoraConfig(
+def _peft_lora(cfg, tmp_path, *, seed: int):
+  """A peft LoRA adapter on all 7 projections of the tiny llama2, with non-zero random B,
+  saved and loaded: (PeftModel in eval mode, jaxtune adapters)."""
+  pm = peft.get_peft_model(hf_models.make("llama2"), peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                          "up_proj", "down_proj"], task_type="CAUSAL_LM"))
-  torch.manual_seed(1)
+  torch.manual_seed(seed)
   with torch.no_grad():
     for n, p in pm.named_parameters():
       if "lora_" in n:
         p.normal_(0.0, 0.2)
   pm.save_pretrained(tmp_path / "adapter")
   pm.eval()
-  adapters = jaxtune.peft.load_peft(cfg, str(tmp_path / "adapter"))
+  return pm, jaxtune.peft.load_peft(cfg, str(tmp_path / "adapter"))
+
+
+def test_peft_lora_adapter_equals_peft_model_generate(llama, tmp_path):
+  """A peft LoRA adapter (all 7 projections, non-zero B) applied unmerged = PeftModel greedy."""
+  model, cfg, params, d = llama
+  pm, adapters = _peft_lora(cfg, tmp_path, seed=1)
   prompts = _prompts(2, (4, 10, 6))
   gen = jaxtune.generate(cfg, params, prompts, max_new_tokens=10, temperature=0.0,
                          eos_ids=(EOS,), lora=adapters)
@@ -134,16 +139,7 @@ def test_fused_projections_decode_like_separate_ones(llama, tmp_path, monkeypatc
   import jax
   model, cfg, params, _ = llama
   cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
-  pm = peft.get_peft_model(hf_models.make("llama2"), peft.LoraConfig(
-      r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                         "up_proj", "down_proj"], task_type="CAUSAL_LM"))
-  torch.manual_seed(3)
-  with torch.no_grad():
-    for n, p in pm.named_parameters():
-      if "lora_" in n:
-        p.normal_(0.0, 0.2)
-  pm.save_pretrained(tmp_path / "adapter")
-  adapters = jaxtune.peft.load_peft(cfg, str(tmp_path / "adapter"))
+  _, adapters = _peft_lora(cfg, tmp_path, seed=3)
   prompts = _prompts(4, (5, 9, 3))
 
   def run(fits, lora):

@@ -131,7 +131,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, teacher_cfg: config_lib.Mo
   def objective(trainable, frozen, batch, rng):
     del rng
     params = base.model_params(trainable, frozen, adapters)
-    h = base.hidden(model_cfg, params, batch, constrain)
+    h, aux = base.hidden(model_cfg, params, batch, constrain, return_aux=True)
     student = head.logits(model_cfg, params, h)[..., :vocab]  # [B, T, V]
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     tokens = jnp.sum(mask)
@@ -161,7 +161,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, teacher_cfg: config_lib.Mo
     metrics.update({"kl_to_teacher": (jax.lax.stop_gradient(kl) * scale, tokens),
                     "distill": (jax.lax.stop_gradient(dist) * scale, tokens),
                     "ce": (jax.lax.stop_gradient(ce) * scale, tokens)})
-    return loss * scale, (tokens, metrics)
+    aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, tokens)  # MoE load balancing
+    return loss * scale + aux_sum, (tokens, {**metrics, **aux_metrics})
 
   return objective
 

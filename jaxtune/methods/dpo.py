@@ -161,7 +161,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
     flat = pairs.flatten(batch)  # [2B, T] each
     valid = pairs.valid_pairs(batch)  # [B]
     params = base.model_params(trainable, frozen, adapters)
-    h = base.hidden(model_cfg, params, flat, constrain)
+    h, aux = base.hidden(model_cfg, params, flat, constrain, return_aux=True)
     pol_sum, pol_avg, lp = sequence_logprobs(model_cfg, params, h, flat,
                                              with_tokens=True)  # [B, 2], [2B, T]
     extra = {}
@@ -184,7 +184,9 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
     metrics["logps/chosen"] = jax.lax.stop_gradient(pol_sum[:, 0])
     metrics["logps/rejected"] = jax.lax.stop_gradient(pol_sum[:, 1])
     metrics.update(extra)
-    return loss_sum, (jnp.sum(valid), pairs.summed(metrics, valid))
+    n = jnp.sum(valid)
+    aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, n)  # MoE load balancing
+    return loss_sum + aux_sum, (n, {**pairs.summed(metrics, valid), **aux_metrics})
 
   return objective
 

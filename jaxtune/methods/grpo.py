@@ -98,13 +98,13 @@ def make_objective(model_cfg: config_lib.ModelConfig, grpo_cfg: config_lib.GrpoC
   g = grpo_cfg
 
   def logps_of(params, batch):
-    h = base.hidden(model_cfg, params, batch, constrain)
-    return head.token_logprobs(model_cfg, params, h, batch["targets"]), h  # [B, T]
+    h, aux = base.hidden(model_cfg, params, batch, constrain, return_aux=True)
+    return head.token_logprobs(model_cfg, params, h, batch["targets"]), h, aux  # [B, T]
 
   def objective(trainable, frozen, batch, rng):
     del rng
     params = base.model_params(trainable, frozen, adapters)
-    logps, h = logps_of(params, batch)
+    logps, h, aux = logps_of(params, batch)
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     adv = batch["advantages"][:, 0]  # [B]
     sampler = batch["sampler_logps"]
@@ -138,7 +138,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, grpo_cfg: config_lib.GrpoC
         ok = ~jnp.isnan(v[:, 0])
         metrics[k[len(grpo_batch.ROW_STATS):]] = (jnp.sum(jnp.where(ok, v[:, 0], 0.0)),
                                                   jnp.sum(ok.astype(jnp.float32)))
-    return loss * weight, (weight, metrics)
+    aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, weight)  # MoE load balancing
+    return loss * weight + aux_sum, (weight, {**metrics, **aux_metrics})
 
   return objective
 

@@ -121,7 +121,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Rew
     valid = pairs.valid_pairs(batch)  # [B]
     body = {k: v for k, v in trainable.items() if k != HEAD}
     params = base.model_params(body, frozen, adapters)
-    h = base.hidden(model_cfg, params, flat, constrain)
+    h, aux = base.hidden(model_cfg, params, flat, constrain, return_aux=True)
     s = pairs.unflatten(score_from_hidden(trainable[HEAD], h, flat["tokens"],
                                           flat["segment_ids"], pad_id))  # [B, 2]
     margin = None
@@ -143,7 +143,9 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Rew
                "rewards/accuracy": (diff > 0).astype(jnp.float32),
                "rewards/margin": diff}
     loss_sum = jnp.sum(jnp.where(valid > 0, per_pair, 0.0))
-    return loss_sum, (jnp.sum(valid), pairs.summed(metrics, valid))
+    n = jnp.sum(valid)
+    aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, n)  # MoE load balancing
+    return loss_sum + aux_sum, (n, {**pairs.summed(metrics, valid), **aux_metrics})
 
   return objective
 
