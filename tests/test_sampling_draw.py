@@ -56,3 +56,28 @@ def test_draw_never_picks_an_excluded_entry_at_the_top_of_the_range():
   u = jnp.full((3,), np.nextafter(np.float32(1), np.float32(0)))
   _, tok, _ = select.draw(jnp.asarray(f), u)
   assert np.asarray(tok).tolist() == [9, 150, 299]
+
+
+def test_draw_never_picks_an_excluded_entry_at_block_boundaries():
+  """A few kept entries, none at a block start, and u stepped a few float32 ulps around
+  every cumulative boundary: the float32 block sums and cumulative sums differ in rounding,
+  which once left the in-block target slightly negative and returned the block's first
+  (excluded) entry."""
+  v = 32768
+  rng = np.random.default_rng(1)
+  keep = np.sort(rng.choice([i for i in range(v) if i % 1024], 60, replace=False))
+  f = np.full(v, -np.inf, np.float32)
+  f[keep] = rng.normal(size=60).astype(np.float32)
+  p = np.exp(f.astype(np.float64) - f.max())
+  bounds = np.cumsum(p[keep] / p.sum())
+  us = []
+  for b in bounds[:-1]:
+    x = np.float32(b)
+    for _ in range(12):
+      x = np.nextafter(x, np.float32(0))
+    for _ in range(24):
+      us.append(x)
+      x = np.nextafter(x, np.float32(1))
+  u = jnp.asarray(np.array(us, np.float32))
+  _, tok, _ = jax.jit(select.draw)(jnp.broadcast_to(jnp.asarray(f), (len(us), v)), u)
+  assert np.all(np.isin(np.asarray(tok), keep))

@@ -109,8 +109,8 @@ def draw(f: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   block's mass (one pass over f after the one for its max), the block where the cumulative
   mass crosses u * total, then the entry inside that block. Two passes over the logits and
   one random number per row, where a Gumbel-max draw needs a random number per entry.
-  Mass is never assigned to an excluded entry: a rounding overshoot falls back to the last
-  entry with mass.
+  Only entries with mass are ever returned: a crossing must have mass, and a rounding
+  overshoot falls back to the last entry with mass.
   """
   b, v = f.shape
   bs = _block_size(v)
@@ -124,12 +124,20 @@ def draw(f: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   cum = jnp.cumsum(mass, axis=-1)
   total = cum[:, -1]
   target = u * total
-  j = jnp.minimum(jnp.sum(cum <= target[:, None], axis=-1), _last_positive(mass))
+  j = _first_crossing(cum, mass, target)
   rest = target - (_at(cum, j) - _at(mass, j))
   inside = jnp.exp(jnp.take_along_axis(blocks, j[:, None, None], axis=1)[:, 0] - m)  # [B, bs]
-  i = jnp.minimum(jnp.sum(jnp.cumsum(inside, axis=-1) <= rest[:, None], axis=-1),
-                  _last_positive(inside))
+  i = _first_crossing(jnp.cumsum(inside, axis=-1), inside, rest)
   return greedy, (j * bs + i).astype(jnp.int32), m[:, 0] + jnp.log(total)
+
+
+def _first_crossing(cum: jax.Array, mass: jax.Array, target: jax.Array) -> jax.Array:
+  """Per row, the first entry with mass whose cumulative sum passes target [B]; the last
+  entry with mass when rounding leaves none (target at or past the total). Requiring mass
+  keeps a rounding undershoot (a slightly negative target inside the block) off an
+  excluded entry."""
+  hit = (cum > target[:, None]) & (mass > 0)
+  return jnp.where(jnp.any(hit, axis=-1), jnp.argmax(hit, axis=-1), _last_positive(mass))
 
 
 def _at(x: jax.Array, idx: jax.Array) -> jax.Array:
