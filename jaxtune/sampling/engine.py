@@ -254,18 +254,16 @@ def advance(cfg: config_lib.ModelConfig, params: dict, plan: Plan, state: dict, 
 
 
 def fused_bytes(params: dict) -> int:
-  """Bytes per device of the copy `fused.fuse_layer` makes: every dense array under the
-  layers' q/k/v and gate/up projections (a 4-bit base is never copied), per its shard."""
-  total = 0
-  for layer in (params["layers"] if isinstance(params["layers"], tuple)
-                else (params["layers"],)):
-    for group, _, parts in fused.GROUPS:
-      for part in parts:
-        for x in jax.tree_util.tree_leaves(layer.get(group, {}).get(part, {})):
-          if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            shape = x.sharding.shard_shape(x.shape)
-            total += int(np.prod(shape)) * x.dtype.itemsize
-  return total
+  """Bytes per device of the copy `fused.fuse_layer` makes (`fused.copy_bytes`: only the
+  groups that join; a 4-bit base or another adapter kind adds nothing)."""
+  def size(x):
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+      return 0
+    return int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+
+  layers = params["layers"]
+  return sum(fused.copy_bytes(layer, size)
+             for layer in (layers if isinstance(layers, tuple) else (layers,)))
 
 
 def _free_bytes() -> int | None:
@@ -277,12 +275,15 @@ def _free_bytes() -> int | None:
 
 
 def fuse_fits(params: dict) -> bool:
-  """Whether the fused projections' transient copy takes at most half the free device
-  memory (an 8B model's is ~14 GB in bf16: kept on a large GPU, dropped on a full one)."""
+  """Whether some projections would join and their transient copy takes at most half the
+  free device memory (an 8B model's is ~14 GB in bf16: kept on a large GPU, dropped on a
+  full one)."""
+  need = fused_bytes(params)
+  if not need:
+    return False  # nothing would join (4-bit base, other adapters): the plain program
   free = _free_bytes()
   if free is None:
     return True
-  need = fused_bytes(params)
   ok = need <= free // 2
   if not ok:
     log.info("sampling: decoding without fused projections (their copy, %.1f GiB, is more "
