@@ -167,10 +167,7 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
   attn_p = layer["self_attn"]
   b, t, _ = x.shape
   h = layers.norm(cfg, x, layer["input_layernorm"]["scale"])
-  if fused.QKV in attn_p:  # the sampler's decode program (models/fused.py)
-    q, k, v = fused.split(lin(h, attn_p[fused.QKV]), (cfg.q_size, cfg.kv_size, cfg.kv_size))
-  else:
-    q, k, v = (lin(h, attn_p[n]) for n in ("q_proj", "k_proj", "v_proj"))
+  q, k, v = fused.products(lin, h, attn_p, fused.QKV, (cfg.q_size, cfg.kv_size, cfg.kv_size))
   q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -208,10 +205,7 @@ def _block(cfg, x, layer, *, positions, segment_ids, inv_freq, constrain, kv=Non
     m, stats = moe.mlp(cfg, h, mlp_p, mask=None if segment_ids is None else segment_ids > 0)
     kv = stats if kv is None else kv
   else:
-    if fused.GATE_UP in mlp_p:
-      gate, up = jnp.split(lin(h, mlp_p[fused.GATE_UP]), 2, axis=-1)
-    else:
-      gate, up = lin(h, mlp_p["gate_proj"]), lin(h, mlp_p["up_proj"])
+    gate, up = fused.products(lin, h, mlp_p, fused.GATE_UP)
     g = layers.gated(cfg, gate, up)
     g = constrain(g, ("batch", "seq", "act_mlp"))
     m = lin(g, mlp_p["down_proj"])
@@ -238,7 +232,6 @@ def hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, 
   [B, T, D]; a per-layer KV prefix is seen by every query.
   """
   constrain = constrain or (lambda x, _: x)
-  dt = DTYPES[cfg.dtype]
   b, t = tokens.shape
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

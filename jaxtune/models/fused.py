@@ -96,10 +96,15 @@ def fuse_layer(layer: dict) -> dict:
   return out
 
 
-def split(y: jax.Array, sizes: tuple[int, ...]) -> list[jax.Array]:
-  """A fused product's output [..., sum(sizes)] back into its parts."""
-  cuts, at = [], 0
-  for s in sizes[:-1]:
-    at += s
-    cuts.append(at)
-  return jnp.split(y, cuts, axis=-1)
+def products(lin, x: jax.Array, sub: dict, name: str, sizes: tuple[int, ...] | None = None
+             ) -> list:
+  """The parts of group `name` (QKV or GATE_UP) applied to x, each [..., size] (sizes None:
+  equal parts): one product split back (the fused entry, when `fuse_layer` added it), else
+  each part's own product. lin(x, entry) is the block's projection."""
+  parts = next(p for _, n, p in GROUPS if n == name)
+  if name not in sub:
+    return [lin(x, sub[p]) for p in parts]
+  y = lin(x, sub[name])
+  if sizes is None:
+    return jnp.split(y, len(parts), axis=-1)
+  return jnp.split(y, [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)], axis=-1)
