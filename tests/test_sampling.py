@@ -160,6 +160,11 @@ def test_fused_projections_decode_like_separate_ones(llama, tmp_path, monkeypatc
     assert fused.tokens == apart.tokens
     np.testing.assert_allclose(np.concatenate(fused.logprobs), np.concatenate(apart.logprobs),
                                atol=1e-5)
+  # The memory check's size: q|k|v and gate|up of every layer, float32; a 4-bit base: none.
+  layers = cfg.num_layers * cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size +
+                                                2 * cfg.intermediate_size)
+  assert engine.fused_bytes(cfg, params) == 4 * layers
+  assert engine.fused_bytes(cfg, jaxtune.quant.quantize(params, group_size=16)) == 0
 
 
 def _nucleus(probs, p):

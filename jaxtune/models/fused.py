@@ -14,8 +14,9 @@ and the decoder block (`decoder._block`) uses a fused entry when it finds one (u
 layers get it per layer, a uniform scanned stack [L, ...] along the same last axis). The
 weights are concatenated once per decode call, never per token: a transient copy of those
 projections, which the sampler makes only when it takes at most half the free device memory
-(`engine.fuse_fits`; ~2 GB for a 1B model, ~14 GB for an 8B one in bf16). Leaves are concatenated by `concat_out`: dense arrays directly, adapter leaves that
-know how (`LoraKernel.concat_out`: bases side by side, LoRA factors block-diagonal); a
+(`engine.fit_fuse`, which sizes it by abstract evaluation of `fuse_layer`; ~2 GB for a
+1B model, ~14 GB for an 8B one in bf16). Leaves are concatenated by `concat_out`: dense
+arrays directly, adapter leaves that know how (`LoraKernel.concat_out`: bases side by side, LoRA factors block-diagonal); a
 4-bit base or any other leaf is left unfused. Training never sees these entries.
 """
 
@@ -43,36 +44,6 @@ def concat_out(kernels: list) -> Any:
   if join is None or any(type(k) is not first for k in kernels):
     return None
   return join(kernels)
-
-
-def join_bytes(kernels: list, size) -> int:
-  """Bytes of `concat_out(kernels)` without building it (0 when it would not join); size(x)
-  gives one array's bytes (per device, say). A leaf type joins in with a classmethod
-  `concat_out_bytes(kernels, size)`."""
-  if all(isinstance(k, jax.Array) for k in kernels):
-    return sum(size(k) for k in kernels)
-  first = type(kernels[0])
-  count = getattr(first, "concat_out_bytes", None)
-  if count is None or any(type(k) is not first for k in kernels):
-    return 0
-  return count(kernels, size)
-
-
-def copy_bytes(layer: dict, size) -> int:
-  """Bytes of the entries `fuse_layer` would add to `layer` (0: it would add none)."""
-  total = 0
-  for group, _, parts in GROUPS:
-    sub = layer.get(group)
-    if not isinstance(sub, dict) or not all(p in sub for p in parts):
-      continue
-    biases = [sub[p].get("bias") for p in parts]
-    if any(b is None for b in biases) and any(b is not None for b in biases):
-      continue
-    n = join_bytes([sub[p]["kernel"] for p in parts], size)
-    if n and biases[0] is not None:
-      n += sum(size(b) for b in biases)
-    total += n
-  return total
 
 
 def fuse_layer(layer: dict) -> dict:

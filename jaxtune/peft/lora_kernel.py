@@ -102,24 +102,6 @@ class LoraKernel:
       rows.append(jnp.concatenate(row, axis=-1))
     return cls(w=w, a=a, b=jnp.concatenate(rows, axis=-2), key=None, scale=1.0)
 
-  @classmethod
-  def concat_out_bytes(cls, kernels: list, size) -> int:
-    """Bytes of `concat_out(kernels)` without building it: the joined bases, the a factors
-    and the block-diagonal b (sum of ranks x sum of widths, scaled like the parts' own b
-    by size(b) / b.size). 0 when they would not join."""
-    from jaxtune.models import fused
-    if any(k.key is not None for k in kernels):
-      return 0
-    w = fused.join_bytes([k.w for k in kernels], size)
-    if not w:
-      return 0
-    b0 = kernels[0].b
-    per_entry = size(b0) / max(b0.size, 1)
-    ranks = sum(k.b.shape[-2] for k in kernels)
-    width = sum(k.b.shape[-1] for k in kernels)
-    lead = int(b0.size // (b0.shape[-2] * b0.shape[-1]))
-    return w + sum(size(k.a) for k in kernels) + int(per_entry * lead * ranks * width)
-
   def ragged_linear(self, x: jax.Array, group_sizes: jax.Array,
                     impl: str = "ragged") -> jax.Array:
     """MoE experts: rows x [M, in] sorted by expert, w [E, in, out], a [E, in, r],

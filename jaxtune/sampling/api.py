@@ -115,6 +115,7 @@ def run_rows(cfg: config_lib.ModelConfig, params, rows: list[Row], *, top_k: int
                           virtual=0 if prefix is None else int(prefix.shape[0]),
                           **({"chunk": chunk} if chunk else {}), **buckets)
   state = engine.start(cfg, params, plan, rows, eos_ids, mesh=mesh)
+  plan = engine.fit_fuse(cfg, params, plan)  # once, with the cache allocated
   while True:
     if stream:
       yield _result(engine.read(state), rows, eos_ids)

@@ -246,24 +246,25 @@ def advance(cfg: config_lib.ModelConfig, params: dict, plan: Plan, state: dict, 
             *, mesh=None) -> dict:
   """Decode until every row stopped or `stop_at` columns exist (rounded up to a chunk).
 
-  `state` is donated: use the returned one. The fused projections (plan.fuse) are kept
-  only when their transient copy fits (`fuse_fits`)."""
-  if plan.fuse and _fusable(cfg) and not fuse_fits(params):
-    plan = dataclasses.replace(plan, fuse=False)
+  `state` is donated: use the returned one."""
   return _decode_jit(cfg, plan, mesh, params, state, jnp.asarray(stop_at, jnp.int32))
 
 
-def fused_bytes(params: dict) -> int:
-  """Bytes per device of the copy `fused.fuse_layer` makes (`fused.copy_bytes`: only the
-  groups that join; a 4-bit base or another adapter kind adds nothing)."""
-  def size(x):
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
-      return 0
-    return int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+def fused_bytes(cfg: config_lib.ModelConfig, params: dict) -> int:
+  """Bytes per device of the entries `fused.fuse_layer` would add (0: nothing joins, e.g. a
+  4-bit base or another adapter kind), found by abstract evaluation: nothing is built."""
+  def added(stacked):
+    per_layer = decoder.split_layers(cfg, stacked) if not cfg.scan_layers else (stacked,)
+    out = [fused.fuse_layer(layer) for layer in per_layer]
+    return [o[g][n] for o in out for g, n, _ in fused.GROUPS if n in o.get(g, {})]
 
-  layers = params["layers"]
-  return sum(fused.copy_bytes(layer, size)
-             for layer in (layers if isinstance(layers, tuple) else (layers,)))
+  shapes = jax.tree_util.tree_leaves(jax.eval_shape(added, params["layers"]))
+  total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in shapes)
+  arrays = [x for x in jax.tree_util.tree_leaves(params["layers"]) if isinstance(x, jax.Array)]
+  whole = sum(x.nbytes for x in arrays)
+  local = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+              for x in arrays)
+  return int(total * local / whole) if whole else total
 
 
 def _free_bytes() -> int | None:
@@ -274,21 +275,21 @@ def _free_bytes() -> int | None:
   return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
 
 
-def fuse_fits(params: dict) -> bool:
-  """Whether some projections would join and their transient copy takes at most half the
-  free device memory (an 8B model's is ~14 GB in bf16: kept on a large GPU, dropped on a
-  full one)."""
-  need = fused_bytes(params)
-  if not need:
-    return False  # nothing would join (4-bit base, other adapters): the plain program
+def fit_fuse(cfg: config_lib.ModelConfig, params: dict, plan: Plan) -> Plan:
+  """`plan` with fused projections only where some projections join and their transient
+  copy takes at most half the free device memory (an 8B model's is ~14 GB in bf16: kept
+  on a large GPU, dropped on a full one). Called once per generation, after the prefill
+  has allocated the cache, so the free memory counts it."""
+  if not plan.fuse or not _fusable(cfg):
+    return plan
+  need = fused_bytes(cfg, params)
   free = _free_bytes()
-  if free is None:
-    return True
-  ok = need <= free // 2
-  if not ok:
+  if need and (free is None or need <= free // 2):
+    return plan
+  if need:
     log.info("sampling: decoding without fused projections (their copy, %.1f GiB, is more "
              "than half the free %.1f GiB)", need / 2**30, free / 2**30)
-  return ok
+  return dataclasses.replace(plan, fuse=False)
 
 
 def finished(state: dict) -> bool:
