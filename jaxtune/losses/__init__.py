@@ -14,7 +14,8 @@ from jaxtune.losses.dpo import simpo_loss
 from jaxtune.losses.grpo import group_advantages
 from jaxtune.losses.grpo import grpo_loss
 from jaxtune.losses.reward import reward_loss
-from jaxtune.losses.sft import chunked_cross_entropy
+from jaxtune.losses.chunked import chunked_cross_entropy
+from jaxtune.losses.chunked import chunked_token_logprobs
 from jaxtune.losses.sft import cross_entropy_loss
 from jaxtune.losses.sft import masked_mean
 from jaxtune.losses.sft import masked_sum

@@ -26,7 +26,8 @@ def make_objective(model_cfg: config_lib.ModelConfig, *, adapters=None, constrai
     h, aux = base.hidden(model_cfg, params, batch, constrain, return_aux=True)
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     tokens = jnp.sum(mask)
-    nll_sum, nll = head.nll_sum(model_cfg, params, h, batch["targets"], mask)
+    nll_sum, nll = head.nll_sum(model_cfg, params, h, batch["targets"], mask,
+                                mesh=getattr(constrain, "mesh", None))
     aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, tokens)  # MoE load balancing
     metrics = {"loss": (nll_sum, tokens), **aux_metrics}
     if nll is not None and num_sources > 1 and "source_ids" in batch:

@@ -11,8 +11,10 @@ implemented once and every method and loss gets them:
     h --nll_sum(targets, mask)--> float32 []         fused chunked cross-entropy (custom VJP)
 
 With `model.logits_chunk > 0` no [B*T, V] float32 logits are materialised: tokens are
-scored `logits_chunk` at a time (recomputed in the backward pass), and the SFT loss uses
-`losses.chunked_cross_entropy`, which fuses the gradient into the forward scan.
+scored `logits_chunk` at a time (`losses.chunked`: the log-probs recompute each chunk in
+the backward pass; the SFT loss fuses the gradient into the forward scan). Given the mesh,
+each device scores only its own rows (`row_axes`), instead of the compiler gathering all
+rows onto every device around the chunk loop.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import losses
+from jaxtune import sharding
 from jaxtune.models import layers
 
 
@@ -63,50 +66,46 @@ def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
   return softcap(cfg, out.astype(jnp.float32))
 
 
+def row_axes(mesh, h: jax.Array):
+  """The mesh axes the rows of h [N, T, D] split over, for the chunked head to run per
+  device (`losses.chunked`); None runs it as one program: no mesh, rows whole, or a
+  vocabulary split over a 'tensor' axis (left to the compiler)."""
+  if mesh is None or mesh.size == 1 or mesh.shape.get("tensor", 1) > 1:
+    return None
+  return sharding.spec(("batch", "seq", "act_embed"), h.shape, mesh)[0]
+
+
 def token_logprobs(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
-                   targets: jax.Array) -> jax.Array:
+                   targets: jax.Array, *, mesh=None) -> jax.Array:
   """log p(targets) [N, T] float32 from final-normed hidden states h [N, T, D].
 
   With cfg.logits_chunk > 0 the [N, T, V] logits are never materialised: tokens are scored
-  `logits_chunk` at a time under `jax.checkpoint`, so the backward recomputes each chunk.
+  `logits_chunk` at a time (`losses.chunked_token_logprobs`; the backward recomputes each
+  chunk), on `mesh` each device its own rows.
   """
   if cfg.logits_chunk <= 0:
     return losses.token_logprobs(logits(cfg, params, h), targets)
   w, transposed = kernel(cfg, params)
-  w = w.astype(h.dtype)
-  spec = "cd,vd->cv" if transposed else "cd,dv->cv"
-  vocab = w.shape[0] if transposed else w.shape[1]
-  n_rows, t, d = h.shape
-  n, c = n_rows * t, cfg.logits_chunk
-  pad = (-n) % c
-  hc = jnp.pad(h.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, c, d)  # [K, C, D]
-  yc = jnp.pad(jnp.clip(targets.reshape(n), 0, vocab - 1), (0, pad)).reshape(-1, c)  # [K, C]
-
-  @jax.checkpoint
-  def chunk(xs):
-    hh, yy = xs
-    z = softcap(cfg, jnp.einsum(spec, hh, w, preferred_element_type=jnp.float32))  # [C, V]
-    picked = jnp.take_along_axis(z, yy[:, None], axis=-1)[:, 0]  # [C]
-    return picked - jax.nn.logsumexp(z, axis=-1)
-
-  lp = jax.lax.map(chunk, (hc, yc))  # [K, C]
-  return lp.reshape(-1)[:n].reshape(n_rows, t)
+  return losses.chunked_token_logprobs(
+      h, w.astype(h.dtype), targets, chunk_size=cfg.logits_chunk, transpose=transposed,
+      softcap=cfg.final_logit_softcap, mesh=mesh, row_axes=row_axes(mesh, h))
 
 
 def nll_sum(cfg: config_lib.ModelConfig, params: dict, h: jax.Array, targets: jax.Array,
-            mask: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+            mask: jax.Array, *, mesh=None) -> tuple[jax.Array, jax.Array | None]:
   """(sum of masked token NLLs [], per-token NLL [B, T] or None when chunked).
 
   The per-token NLLs (for per-source metrics) exist only on the unchunked path; the chunked
   one is `losses.chunked_cross_entropy` (gradients fused into the forward, dW skipped when
-  the output weights are frozen).
+  the output weights are frozen; on `mesh` each device scores its own rows).
   """
   mask = mask.astype(jnp.float32)
   if cfg.logits_chunk > 0:
     w, transposed = kernel(cfg, params)
     mean, _ = losses.chunked_cross_entropy(h, w.astype(h.dtype), targets, mask,
                                            chunk_size=cfg.logits_chunk, transpose=transposed,
-                                           softcap=cfg.final_logit_softcap)
+                                           softcap=cfg.final_logit_softcap, mesh=mesh,
+                                           row_axes=row_axes(mesh, h))
     return mean * jnp.maximum(jnp.sum(mask), 1.0), None
   nll = -token_logprobs(cfg, params, h, targets) * mask  # [B, T]
   return jnp.sum(nll), nll

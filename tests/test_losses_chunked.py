@@ -1,0 +1,115 @@
+"""losses.chunked: the chunked log-probs against plain log-softmax on full logits, and both
+chunked losses per device on a mesh against one device, with the compiled program checked
+for the gather of every row onto every device that the per-device form removes."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune import losses
+from jaxtune import sharding
+from jaxtune.models import head
+
+B, T, D, V = 8, 12, 24, 40  # distinct sizes: a gathered [.., 12, 24] is an activation
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(D, V)) / np.sqrt(D), jnp.float32)
+  y = rng.integers(0, V, size=(B, T))
+  y[1, -2:] = -100  # padding ids: clipped, finite
+  mask = (rng.random((B, T)) > 0.2).astype(np.float32)
+  g = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)  # cotangent weights
+  return h, w, jnp.asarray(y), jnp.asarray(mask), g
+
+
+def _plain_lp(h, w, y, transpose, cap):
+  z = jnp.einsum("btd,vd->btv" if transpose else "btd,dv->btv", h, w)
+  return losses.token_logprobs(cap * jnp.tanh(z / cap) if cap else z, y)
+
+
+@pytest.mark.parametrize("transpose,chunk,cap", [(False, 5, 0.0), (True, 16, 0.0),
+                                                 (False, 7, 3.0)])
+def test_chunked_token_logprobs_equal_plain_values_and_grads(transpose, chunk, cap):
+  """Values and the gradients of sum(g * lp) w.r.t. hidden and weight equal autodiff of
+  log-softmax on the full logits (chunks that do not divide B*T, tied layout, soft-cap);
+  with the weight frozen, the gradient w.r.t. hidden alone is the same."""
+  h, w, y, _, g = _inputs(1)
+  h = h * (3.0 if cap else 1.0)  # logits big enough for the cap to bend them
+  w = w.T if transpose else w
+
+  def chunked(h, w):
+    return losses.chunked_token_logprobs(h, w, y, chunk_size=chunk, transpose=transpose,
+                                         softcap=cap)
+
+  lp = jax.jit(chunked)(h, w)
+  np.testing.assert_allclose(lp, _plain_lp(h, w, y, transpose, cap), rtol=1e-5, atol=1e-5)
+  z = np.asarray(h, np.float64) @ np.asarray(w.T if transpose else w, np.float64)
+  z = cap * np.tanh(z / cap) if cap else z
+  zy = np.take_along_axis(z, np.clip(np.asarray(y), 0, None)[..., None], -1)[..., 0]
+  want = zy - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) - z.max(-1)
+  np.testing.assert_allclose(lp, want, rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda h, w: jnp.sum(f(h, w) * g))
+  got = jax.jit(jax.grad(loss(chunked), argnums=(0, 1)))(h, w)
+  ref = jax.jit(jax.grad(loss(lambda h, w: _plain_lp(h, w, y, transpose, cap)),
+                         argnums=(0, 1)))(h, w)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  only_h = jax.jit(jax.grad(loss(chunked)))(h, w)
+  np.testing.assert_allclose(only_h, ref[0], rtol=1e-5, atol=1e-6)
+
+
+def _mesh():
+  return sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=4, tensor=1))
+
+
+def _gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
+  dims = re.findall(r"= \w+\[([\d,]*)\][^\n]*? all-gather(?:-start)?\(", hlo)
+  return {tuple(int(d) for d in s.split(",") if d) for s in dims}
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "token_logprobs"])
+def test_per_device_rows_equal_one_device_without_gathering_rows(kind):
+  """On 8 simulated devices (rows over data x fsdp, the weight split over fsdp as FSDP
+  places it): value and gradients w.r.t. hidden and weight equal the one-device ones;
+  the only all-gather in the program is the weight's, where the same loss left to the
+  compiler gathers the hidden states."""
+  h, w, y, mask, g = _inputs(2)
+  mesh = _mesh()
+  rows = head.row_axes(mesh, h)
+  assert rows == ("data", "fsdp")
+
+  def fn(mesh_arg, rows_arg):
+    if kind == "cross_entropy":
+      return lambda h, w: losses.chunked_cross_entropy(
+          h, w, y, mask, chunk_size=5, mesh=mesh_arg, row_axes=rows_arg)[0]
+    return lambda h, w: jnp.sum(g * losses.chunked_token_logprobs(
+        h, w, y, chunk_size=5, mesh=mesh_arg, row_axes=rows_arg))
+
+  want = jax.jit(jax.value_and_grad(fn(None, None), argnums=(0, 1)))(h, w)
+  hs = jax.device_put(h, jax.sharding.NamedSharding(mesh, sharding.spec(
+      ("batch", "seq", "act_embed"), h.shape, mesh)))
+  ws = jax.device_put(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+  per_device = jax.jit(jax.value_and_grad(fn(mesh, rows), argnums=(0, 1)))
+  got = per_device(hs, ws)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert _gathered_shapes(per_device.lower(hs, ws).compile().as_text()) <= {(D, V)}
+  left = jax.jit(jax.value_and_grad(fn(None, None), argnums=(0, 1))).lower(hs, ws)
+  assert _gathered_shapes(left.compile().as_text()) - {(D, V)}  # the probe sees row gathers
+
+
+def test_row_axes_leaves_a_tensor_split_vocabulary_to_the_compiler():
+  h = jnp.zeros((B, T, D))
+  assert head.row_axes(None, h) is None
+  tensor = sharding.make_mesh(config_lib.MeshConfig(data=4, fsdp=1, tensor=2))
+  assert head.row_axes(tensor, h) is None
+  data = sharding.make_mesh(config_lib.MeshConfig(data=8, fsdp=1, tensor=1))
+  assert head.row_axes(data, h) in ("data", ("data",))
+  assert head.row_axes(data, jnp.zeros((3, T, D))) is None  # 3 rows do not split over 8
