@@ -142,28 +142,34 @@ def _try(cfg, job) -> dict:
             "error": f"{type(e).__name__}: {e}"[:300]}
 
 
-def plan_checks(smoke: bool, out_path: str) -> dict:
-  """Every check in turn; the results so far are rewritten to out_path after each."""
-  import json
-  import jax  # the suite's environment sets the shared compilation cache (JAX_COMPILATION_*)
-  res = {"rows": [], "device": jax.devices()[0].device_kind}
+CHECKS = (*WORKLOADS, "auto")
 
-  def save():
+
+def one_check(name: str, smoke: bool) -> dict:
+  """One planner check (a WORKLOADS name, or "auto"), in the calling process."""
+  import jax
+  try:
+    row = _auto_check(smoke) if name == "auto" else _predicted_vs_measured(name, smoke)
+  except Exception as e:  # noqa: BLE001  (the row says what failed)
+    row = {"workload": name, "status": "error", "error": f"{type(e).__name__}: {e}"[:400]}
+  return {**row, "device": jax.devices()[0].device_kind}
+
+
+def plan_checks(run_one, out_path: str) -> dict:
+  """Every check, each in a process of its own (`run_one(name)` -> its dict): a device's
+  peak_bytes_in_use only grows within a process, so a check run after a bigger one would
+  read the bigger one's peak. The results so far are rewritten to out_path after each."""
+  import json
+  res = {"rows": []}
+  for name in CHECKS:
+    row = run_one(name)
+    res["device"] = row.pop("device", res.get("device", "?"))
+    if name == "auto":
+      res["auto"] = row
+    else:
+      res["rows"].append(row)
     with open(out_path, "w") as f:
       json.dump(res, f, indent=1)
-
-  for name in WORKLOADS:
-    try:
-      res["rows"].append(_predicted_vs_measured(name, smoke))
-    except Exception as e:  # noqa: BLE001  (one row says what failed)
-      res["rows"].append({"workload": name, "status": "error",
-                          "error": f"{type(e).__name__}: {e}"[:400]})
-    save()
-  try:
-    res["auto"] = _auto_check(smoke)
-  except Exception as e:  # noqa: BLE001
-    res["auto"] = {"status": "error", "error": f"{type(e).__name__}: {e}"[:400]}
-  save()
   return res
 
 

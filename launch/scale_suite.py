@@ -12,7 +12,8 @@ start after --budget_s is skipped and says so), in this order:
   GPU 1, meanwhile: plan_checks   `memory.plan` of 1B full FT, 1B LoRA and 8B QLoRA (seq
                       4096), then the same step run for real (weights made one param at a
                       time, so setup adds no peak) and its peak_bytes_in_use: predicted vs
-                      measured; then train.micro_batch=auto on 1B LoRA with 64 rows of 2048
+                      measured, each check in a process of its own (the peak counter never
+                      resets within one); then train.micro_batch=auto on 1B LoRA with 64 rows of 2048
                       tokens: the chosen micro-batch runs, and the next larger one is tried;
   both GPUs: train_2gpu   launch/train.py on 2 GPUs in one process, batch 16;
              bench_data2  the bench with --mesh=data=2, batch 8 (4 per GPU);
@@ -29,6 +30,7 @@ machine sets them, and set if missing).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +49,8 @@ flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU with simulated devices.")
 flags.DEFINE_integer("budget_s", 470, "Skip stages that would start after this many seconds "
                      "(a stage already running may take a minute or two more).")
 flags.DEFINE_integer("train_steps", 10, "launch/train.py steps per run.")
+flags.DEFINE_list("stages", [], "Run only these stages (names as in the list above; "
+                  "train_2proc runs both processes); default: all.")
 flags.DEFINE_string("worker", "", "Internal: run one planner check (JSON spec).")
 
 CACHE_DIR = "/tmp/jaxtune_scale_cache"
@@ -90,6 +94,8 @@ class Suite:
     return self.budget - (time.monotonic() - self.t0)
 
   def start(self, name: str, cmd: list[str], env: dict) -> subprocess.Popen | None:
+    if FLAGS.stages and not name.startswith(tuple(FLAGS.stages)):
+      return None
     if self.left() <= 0:
       self.results["stages"][name] = {"status": "skipped (budget)"}
       return None
@@ -141,6 +147,13 @@ def _train_cmd(suite: Suite, workdir: str, batch: int, extra=()) -> list[str]:
           *[f"--set={s}" for s in sets], *extra]
 
 
+def _fresh(workdir: str) -> str:
+  """An empty workdir: a checkpoint or metrics file left by an earlier suite run would be
+  resumed from (or refused) and its losses read as this run's."""
+  shutil.rmtree(workdir, ignore_errors=True)
+  return workdir
+
+
 def _train_stats(workdir: str) -> dict:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
@@ -163,7 +176,7 @@ def _stage_one_gpu(suite: Suite) -> None:
                           _env("1", 1 if cpu else 0))
   suite.wait(suite.start("bench_1gpu", _bench_cmd(suite, "bench_1gpu", "",
                                                   2 if suite.smoke else 4), gpu0))
-  wd = os.path.join(suite.out, "train_1gpu")
+  wd = _fresh(os.path.join(suite.out, "train_1gpu"))
   suite.wait(suite.start("train_1gpu", _train_cmd(suite, wd, 8), _env("0", 1 if cpu else 0)))
   suite.results["train_1gpu"] = _train_stats(wd)
   suite.wait(plan_proc)
@@ -172,12 +185,12 @@ def _stage_one_gpu(suite: Suite) -> None:
 def _stage_two_gpus(suite: Suite) -> None:
   cpu = 2 if suite.smoke else 0
   both = _env(None, cpu)
-  wd = os.path.join(suite.out, "train_2gpu")
+  wd = _fresh(os.path.join(suite.out, "train_2gpu"))
   suite.wait(suite.start("train_2gpu", _train_cmd(suite, wd, 16), both))
   suite.results["train_2gpu"] = _train_stats(wd)
   suite.wait(suite.start("bench_data2", _bench_cmd(suite, "bench_data2", "data=2",
                                                    4 if suite.smoke else 8), both))
-  wd2 = os.path.join(suite.out, "train_2proc")
+  wd2 = _fresh(os.path.join(suite.out, "train_2proc"))
   port = 29500 + os.getpid() % 1000
   procs = []
   for pid in range(2):
@@ -198,7 +211,22 @@ def main(argv):
   del argv
   if FLAGS.worker:
     spec = json.loads(FLAGS.worker)
-    scale_checks.plan_checks(spec["smoke"], os.path.join(spec["out"], "plan_checks.json"))
+    if "check" in spec:  # one planner check, in this process
+      with open(spec["row_out"], "w") as f:
+        json.dump(scale_checks.one_check(spec["check"], spec["smoke"]), f)
+      return
+
+    def run_one(name):
+      row_out = os.path.join(spec["out"], f"plan_{name}.json")
+      subprocess.run([sys.executable, os.path.abspath(__file__), "--worker=" + json.dumps(
+          dict(spec, check=name, row_out=row_out))], check=False, env=os.environ)
+      if not os.path.exists(row_out):
+        return {"workload": name, "status": "error", "error": "the check's process wrote "
+                "nothing (crashed or was killed: see log_plan_checks.txt)"}
+      with open(row_out) as f:
+        return json.load(f)
+
+    scale_checks.plan_checks(run_one, os.path.join(spec["out"], "plan_checks.json"))
     return
   suite = Suite(FLAGS.out, FLAGS.smoke, FLAGS.budget_s)
   _stage_one_gpu(suite)
