@@ -60,6 +60,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from launch import bench_chat  # noqa: E402
+from launch import bench_ddp  # noqa: E402
 from launch import bench_decode  # noqa: E402
 from launch import bench_goals  # noqa: E402
 from launch import bench_workers  # noqa: E402
@@ -87,10 +88,11 @@ def define_flags() -> None:
                        "data x fsdp devices).")
   flags.DEFINE_string("mesh", "", "jaxtune device mesh, e.g. data=2 | fsdp=2 | tensor=2 | "
                       "data=2,fsdp=2 (axes left out are 1): runs on that many local devices. "
-                      "Empty: one device. The torch peers run on one device only, so they are "
-                      "skipped when the mesh has more.")
+                      "Empty: one device. torch and torch_compile run on one device only, so "
+                      "they are skipped when the mesh has more; torch_ddp runs only then.")
   flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run: torch (eager), "
-                    "torch_compile, jaxtune.")
+                    "torch_compile, torch_ddp (eager, DistributedDataParallel over the "
+                    "--mesh's device count, under torchrun), jaxtune.")
   flags.DEFINE_enum("precision", "bf16", ["bf16", "mixed"], "See the module docstring.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps (the first one compiles).")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -159,6 +161,11 @@ def _specs() -> list[dict]:
       for fw in FLAGS.frameworks:
         if fw in ("torch", "torch_compile") and mesh_devices(mesh) > 1:
           continue  # one-device peers: no row to compare a mesh run with
+        if fw == "torch_ddp":  # the peer on the mesh's devices, data parallel
+          if mesh_devices(mesh) > 1:
+            specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=PEER_CKPT[shape],
+                              model={}, ddp=mesh_devices(mesh)))
+          continue
         if fw in ("torch", "torch_compile"):
           ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
           specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=ckpt, model={}))
@@ -224,7 +231,8 @@ def _config_str(r: dict) -> str:
   prec = "bf16" if r["precision"] == "bf16" else "fp32 master+bf16"
   if r["framework"] != "jaxtune":
     attn = (r.get("config_extra") or "attn=sdpa").split("attn=")[-1]
-    comp = "compiled " if r["framework"] == "torch_compile" else ""
+    comp = {"torch_compile": "compiled ", "torch_ddp": f"DDP x{r.get('ddp')} "}.get(
+        r["framework"], "")
     return f"{comp}{prec} {attn} ckpt={'on' if r['peer_ckpt'] else 'off'}"
   m = r["model"]
   attn = m.get("attention", "auto")
@@ -243,8 +251,8 @@ def _config_str(r: dict) -> str:
 def table(results: list[dict]) -> str:
   """The printed table: one row per run, the ratio against the peer's row of the same
   workload and sequence length."""
-  peers = {fw: {(r["workload"], r["seq"]): r for r in results
-                if r["framework"] == fw and r.get("status") == "ok"}
+  peers = {fw: {(r["workload"], r["seq"]): r for r in results  # torch_ddp: a mesh's peer
+                if r["framework"] in (fw, fw + "_ddp") and r.get("status") == "ok"}
            for fw in ("torch", "torch_compile")}
   head = ("workload", "seq", "framework", "config", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
           "vs peer", "vs compiled")
@@ -282,8 +290,9 @@ def main(argv):
     spec = json.loads(FLAGS.worker)
     worker = bench_decode if spec.get("kind") == "decode" else bench_workers
     res = worker.run_worker(spec)
-    with open(spec["result_file"], "w") as f:
-      json.dump(res, f)
+    if bench_ddp.rank() == 0:  # torch_ddp: every rank runs this; rank 0 reports
+      with open(spec["result_file"], "w") as f:
+        json.dump(res, f)
     return
   t_start = time.monotonic()
   decode = [w for w in FLAGS.workloads if w.startswith("decode_")]

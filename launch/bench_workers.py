@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from launch import bench_chat  # noqa: E402  (no heavy imports at module level)
+from launch import bench_ddp  # noqa: E402
 
 _LLAMA3_ROPE = dict(kind="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -228,12 +229,13 @@ def _profile(spec: dict, run, state, batch, steps: int = 2) -> dict:
   for e in events:
     if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
       continue
-    line = threads.get((e["pid"], e.get("tid")), "?")
+    # one line per GPU and stream: with a mesh, each GPU's busy time shows apart
+    line = f'{procs[e["pid"]][:24]} {threads.get((e["pid"], e.get("tid")), "?")}'
     lines[line] += e.get("dur", 0) / 1e3 / steps
-    if line.startswith("Stream"):
-      kernels[e["name"][:90]] += e.get("dur", 0) / 1e3 / steps
-  return {"ms_per_step_by_line": dict(lines.most_common(12)),
-          "top_kernels_ms_per_step": kernels.most_common(30)}
+    if "Stream" in line:
+      kernels[e["name"][:90]] += e.get("dur", 0) / 1e3 / steps / len(run.mesh.devices.flat)
+  return {"ms_per_step_by_line": dict(lines.most_common(16)),
+          "top_kernels_ms_per_step_per_gpu": kernels.most_common(30)}
 
 
 def _torch_worker(spec: dict) -> dict:
@@ -243,6 +245,7 @@ def _torch_worker(spec: dict) -> dict:
   import peft
   from jaxtune.hf import config as hf_config
   dev = "cuda" if torch.cuda.is_available() and not spec["smoke"] else "cpu"
+  rank, world = bench_ddp.setup(spec, dev)  # (0, 1) unless torch_ddp under torchrun
   method = spec["method"]
   versions = {"torch": torch.__version__, "transformers": transformers.__version__,
               "peft": peft.__version__}
@@ -286,11 +289,13 @@ def _torch_worker(spec: dict) -> dict:
         r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, bias="none",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj"], task_type="CAUSAL_LM"))
+  if world > 1:
+    model = bench_ddp.wrap(model, dev)
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           fused=dev == "cuda")
   host = bench_chat.host_batches(spec, model_cfg.vocab_size)
-  inputs = bench_chat.torch_inputs(next(host), dev, attn)
+  inputs = bench_chat.torch_inputs(bench_ddp.rows(next(host), rank, world), dev, attn)
   model.train()
   if compiled:  # default mode, the whole model as one graph where it can
     model = torch.compile(model)
@@ -326,7 +331,7 @@ def _torch_worker(spec: dict) -> dict:
   for _ in range(spec["steps"]):
     if fresh:
       hb = next(host)
-      inputs = bench_chat.torch_inputs(hb, dev, attn)
+      inputs = bench_chat.torch_inputs(bench_ddp.rows(hb, rank, world), dev, attn)
     tokens += bench_chat.real_tokens(hb) if fresh else spec["batch"] * spec["seq"]
     losses.append(step())
   sync()
@@ -336,6 +341,7 @@ def _torch_worker(spec: dict) -> dict:
   out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
   out["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
   out["versions"] = versions
+  bench_ddp.finish(spec)
   return out
 
 
@@ -368,7 +374,9 @@ def isolated(script: str, spec: dict, timeout: float, *, log_file: str = "",
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "result.json")
-    cmd = [sys.executable, script, "--worker=" + json.dumps({**spec, "result_file": path})]
+    arg = "--worker=" + json.dumps({**spec, "result_file": path})
+    cmd = bench_ddp.command(script, spec, arg) if spec.get("ddp") else [sys.executable, script,
+                                                                          arg]
     try:
       proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
       log, code = proc.stdout + proc.stderr, proc.returncode

@@ -55,3 +55,22 @@ def test_parse_mesh():
   assert bench.mesh_devices(bench.parse_mesh("data=2,tensor=2")) == 4
   with pytest.raises(Exception, match="--mesh: bad part 'expert=2'"):
     bench.parse_mesh("expert=2")
+
+
+def test_torch_ddp_peer_runs_two_processes(tmp_path):
+  """--frameworks=torch_ddp with a 2-device mesh: torchrun starts two gloo processes (one
+  per device), each trains on its half of the rows; rank 0's row counts the global batch's
+  tokens, and the one-device peers are skipped for a mesh."""
+  out = tmp_path / "ddp.json"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(lu.ROOT, "launch", "bench.py"), "--smoke",
+       "--frameworks=torch,torch_ddp", "--workloads=1b_full", "--batch=4", "--mesh=data=2",
+       f"--out={out}"], cwd=lu.ROOT, env=lu.env(2), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(out.read_text())["results"]
+  assert [(r["framework"], r["status"]) for r in results] == [("torch_ddp", "ok")], results
+  r = results[0]
+  assert r["ddp"] == 2 and r["tokens_per_step"] == r["batch"] * r["seq"]  # smoke: batch 2
+  assert all(np.isfinite(r["losses"])) and len(r["losses"]) == 3  # 1 warmup + 2 timed
+  assert "DDP x2" in proc.stdout
