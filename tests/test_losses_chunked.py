@@ -113,3 +113,51 @@ def test_row_axes_leaves_a_tensor_split_vocabulary_to_the_compiler():
   data = sharding.make_mesh(config_lib.MeshConfig(data=8, fsdp=1, tensor=1))
   assert head.row_axes(data, h) in ("data", ("data",))
   assert head.row_axes(data, jnp.zeros((3, T, D))) is None  # 3 rows do not split over 8
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "token_logprobs"])
+def test_per_device_rows_without_grad_under_remat_and_accumulation(kind):
+  """The paths that do not take the custom VJP's forward rule at the top level: the value
+  alone (the eval step), the gradient through jax.checkpoint (remat), and a gradient summed
+  over micro-batches in lax.scan (gradient accumulation, as train/step.py runs it), each on
+  the mesh against one device."""
+  h, w, y, mask, g = _inputs(3)
+  mesh = _mesh()
+
+  def loss(h, w, y, mask, g, mesh_arg):
+    rows = head.row_axes(mesh_arg, h)
+    if kind == "cross_entropy":
+      return losses.chunked_cross_entropy(h, w, y, mask, chunk_size=5, mesh=mesh_arg,
+                                          row_axes=rows)[0]
+    return jnp.sum(g * losses.chunked_token_logprobs(h, w, y, chunk_size=5, mesh=mesh_arg,
+                                                      row_axes=rows))
+
+  big_h = jnp.concatenate([h, h * 0.5])  # 16 rows: 8 per micro-batch, 1 per device
+  big = [jnp.concatenate([x, x]) for x in (y, mask, g)]
+  hs = jax.device_put(h, jax.sharding.NamedSharding(mesh, sharding.spec(
+      ("batch", "seq", "act_embed"), h.shape, mesh)))
+  checks = {
+      "value": (lambda m: jax.jit(lambda h: loss(h, w, y, mask, g, m))(hs)),
+      "remat": (lambda m: jax.jit(jax.grad(jax.checkpoint(
+          lambda h, w: loss(h, w, y, mask, g, m)), argnums=(0, 1)))(hs, w)),
+      "accumulation": (lambda m: jax.jit(lambda h, w: _accum(h, w, m, big, loss))(big_h, w)),
+  }
+  for name, run in checks.items():
+    for a, b in zip(jax.tree.leaves(run(mesh)), jax.tree.leaves(run(None))):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _accum(h, w, mesh_arg, rest, loss):
+  """grad w.r.t. w summed over 2 micro-batches in lax.scan, each a row-split batch."""
+  mesh = mesh_arg or _mesh()
+  split = lambda x: x.reshape(2, x.shape[0] // 2, *x.shape[1:])
+  parts = tuple(split(x) for x in (h, *rest))
+
+  def body(acc, xs):
+    hh, yy, mm, gg = xs
+    if mesh_arg is not None:
+      hh = jax.lax.with_sharding_constraint(hh, jax.sharding.NamedSharding(
+          mesh, sharding.spec(("batch", "seq", "act_embed"), hh.shape, mesh)))
+    return acc + jax.grad(loss, argnums=1)(hh, w, yy, mm, gg, mesh_arg), None
+
+  return jax.lax.scan(body, jnp.zeros_like(w), parts)[0]

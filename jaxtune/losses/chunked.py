@@ -199,8 +199,8 @@ def _nll_sum(h, w, y, m, opts, split):
   def local(h, w, y, m):
     nll = -_scan_logprobs(h, w, y, opts)
     return (_psum(jnp.sum(jnp.where(m != 0, nll, 0.0) * m), split),)
-  return _per_device(local, split, (("R",) * 3, (), ("R", None), ("R", None)), ((),))(
-      h, w, y, m)[0]
+  row = ("R", None)
+  return _per_device(local, split, (("R", None, None), (), row, row), ((),))(h, w, y, m)[0]
 
 
 def _nll_sum_fwd(h, w, y, m, opts, split):
