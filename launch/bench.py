@@ -163,8 +163,9 @@ def _specs() -> list[dict]:
           continue  # one-device peers: no row to compare a mesh run with
         if fw == "torch_ddp":  # the peer on the mesh's devices, data parallel
           if mesh_devices(mesh) > 1:
-            specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=PEER_CKPT[shape],
-                              model={}, ddp=mesh_devices(mesh)))
+            ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
+            specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=ckpt, model={},
+                              ddp=mesh_devices(mesh)))
           continue
         if fw in ("torch", "torch_compile"):
           ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
@@ -290,7 +291,7 @@ def main(argv):
     spec = json.loads(FLAGS.worker)
     worker = bench_decode if spec.get("kind") == "decode" else bench_workers
     res = worker.run_worker(spec)
-    if bench_ddp.rank() == 0:  # torch_ddp: every rank runs this; rank 0 reports
+    if not spec.get("ddp") or bench_ddp.rank() == 0:  # torch_ddp: rank 0 reports
       with open(spec["result_file"], "w") as f:
         json.dump(res, f)
     return

@@ -5,8 +5,9 @@ framework `torch_ddp`, run when `--mesh` names more than one device).
 `python -m torch.distributed.run --nproc_per_node=2 launch/bench.py --worker=SPEC`: each
 process drives one GPU (NCCL; gloo on CPU), holds a whole copy of the model, takes its own
 contiguous rows of the global batch, and DDP all-reduces the trainable gradients (bucketed,
-overlapped with the backward pass). Rank 0 times the steps and writes the row; tokens count
-the whole global batch, as jaxtune's mesh rows do. NCCL's environment (NVLink multicast off
+overlapped with the backward pass). Rank 0 times the steps and writes the row (its losses
+and peak memory are rank 0's own); tokens count the whole global batch, as jaxtune's mesh
+rows do. NCCL's environment (NVLink multicast off
 where the machine says so) is inherited.
 """
 
@@ -15,14 +16,10 @@ import sys
 
 
 def command(script: str, spec: dict, worker_arg: str) -> list[str]:
-  """The torchrun command line of a `torch_ddp` spec (a free port for its rendezvous)."""
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  """The torchrun command line of a `torch_ddp` spec (--standalone: a local rendezvous on
+  a port torchrun picks itself)."""
   return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-          f"--nproc_per_node={spec['ddp']}", f"--rdzv-endpoint=127.0.0.1:{port}", script,
-          worker_arg]
+          f"--nproc_per_node={spec['ddp']}", script, worker_arg]
 
 
 def rank() -> int:
@@ -61,7 +58,9 @@ def wrap(model, dev: str):
 
 
 def finish(spec: dict) -> None:
-  """Waits for every rank (so rank 0's timing covers all of them) and leaves the group."""
+  """Waits for every rank and leaves the group. (Every step's gradient all-reduce already
+  keeps the ranks in step, so rank 0's timing is the group's; its row's losses and peak
+  memory are rank 0's own.)"""
   if spec.get("ddp"):
     import torch.distributed as dist
     dist.barrier()
