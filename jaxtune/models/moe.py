@@ -170,10 +170,13 @@ def grouped_blocks(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   """The grouped matmul as batched matmuls over blocks of `block` rows of one expert each.
 
   Each expert's rows are padded to a multiple of `block` (at most ceil(M / block) + E
-  blocks, a static bound), every block multiplies its expert's weight (gathered, [nb, in,
-  out]), and the rows are read back: M * k real rows plus at most E * (block - 1) padding
-  rows of FLOPs, whatever the backend's ragged-dot support. x [M, in] sorted by expert,
-  w [E, in, out] -> [M, out]; equal to `jax.lax.ragged_dot` up to float summation order.
+  blocks, a static bound), every block multiplies its expert's weight, and the rows are read
+  back: M * k real rows plus at most E * (block - 1) padding rows of FLOPs, whatever the
+  backend's ragged-dot support. x [M, in] sorted by expert, w [E, in, out] -> [M, out];
+  equal to `jax.lax.ragged_dot` up to float summation order. The per-block weights
+  ([blocks, in, out], about twice the experts' own size) exist only inside one product
+  (`_block_matmul`'s custom VJP gathers them again in the backward pass rather than keeping
+  them for it: at the Qwen3-30B-A3B shape that was ~2.4 GB of saved activations per layer).
   """
   m, e = x.shape[0], w.shape[0]
   nb = -(-m // block) + e
@@ -185,9 +188,38 @@ def grouped_blocks(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   xp = jnp.zeros((nb * block, x.shape[1]), x.dtype).at[dest].set(x)
   ends = jnp.cumsum(padded)
   block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * block, side="right"),
-                             e - 1)  # [nb]
-  yp = jnp.einsum("bti,bio->bto", xp.reshape(nb, block, -1), jnp.take(w, block_expert, 0))
+                             e - 1)  # [nb], ascending
+  yp = _block_matmul(xp.reshape(nb, block, -1), w, block_expert)
   return jnp.take(yp.reshape(nb * block, -1), dest, axis=0)
+
+
+@jax.custom_vjp
+def _block_matmul(xb: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
+  """xb [nb, block, in] @ w[block_expert] ([nb, in, out]) -> [nb, block, out]."""
+  return jnp.einsum("bti,bio->bto", xb, jnp.take(w, block_expert, 0))
+
+
+def _block_matmul_fwd(xb, w, block_expert):
+  need_w = w.perturbed
+  xb, w, block_expert = xb.value, w.value, block_expert.value
+  y = _block_matmul(xb, w, block_expert)
+  return y, (xb if need_w else None, w, block_expert)  # w: the param itself, no copy
+
+
+def _block_matmul_bwd(res, dy):
+  xb, w, block_expert = res
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return None, None, None
+  dx = jnp.einsum("bto,bio->bti", dy, jnp.take(w, block_expert, 0))
+  dw = None
+  if xb is not None:  # blocks are sorted by expert: a sorted segment sum per expert
+    per_block = jnp.einsum("bti,bto->bio", xb, dy, preferred_element_type=jnp.float32)
+    dw = jax.ops.segment_sum(per_block, block_expert, num_segments=w.shape[0],
+                             indices_are_sorted=True).astype(w.dtype)
+  return dx, dw, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd, symbolic_zeros=True)
 
 
 def route(cfg: config_lib.ModelConfig, x: jax.Array, router) -> tuple:
