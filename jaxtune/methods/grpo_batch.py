@@ -120,8 +120,9 @@ def split(batch: dict, parts: int) -> list[dict]:
 
 
 def trainer_logps(ctx: base.Context, params, batch: dict) -> np.ndarray:
-  """The trainer's own log-probs [N, T] of the batch's targets (old log-probs)."""
-  fn = _logps_fn(ctx.model_cfg)
+  """The trainer's own log-probs [N, T] of the batch's targets (old log-probs), each device
+  scoring its own rows (attention kernels and the chunked head per device, as in training)."""
+  fn = _logps_fn(ctx.model_cfg, ctx.mesh)
   arrays = {k: batch[k] for k in ("tokens", "targets", "segment_ids", "positions")}
   out = fn(params, global_batch.to_global(arrays, sharding.batch_sharding(ctx.mesh)))
   return np.asarray(jax.device_get(out)) * batch["loss_mask"]
@@ -130,13 +131,15 @@ def trainer_logps(ctx: base.Context, params, batch: dict) -> np.ndarray:
 _LOGPS_CACHE: dict = {}
 
 
-def _logps_fn(model_cfg):
-  if model_cfg not in _LOGPS_CACHE:
+def _logps_fn(model_cfg, mesh):
+  if (model_cfg, mesh) not in _LOGPS_CACHE:
+    constrain = sharding.constrainer(mesh)
+
     def fn(params, b):
-      h = base.hidden(model_cfg, params, b)
-      return head.token_logprobs(model_cfg, params, h, b["targets"])
-    _LOGPS_CACHE[model_cfg] = jax.jit(fn)
-  return _LOGPS_CACHE[model_cfg]
+      h = base.hidden(model_cfg, params, b, constrain)
+      return head.token_logprobs(model_cfg, params, h, b["targets"], mesh=mesh)
+    _LOGPS_CACHE[(model_cfg, mesh)] = jax.jit(fn)
+  return _LOGPS_CACHE[(model_cfg, mesh)]
 
 
 @dataclasses.dataclass
