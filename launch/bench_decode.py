@@ -105,12 +105,14 @@ def _jax_worker(spec: dict) -> dict:
       t0 = time.perf_counter()
       call()
       times.append(time.perf_counter() - t0)
-    # The device alone: prefill + decode, no host-side list building.
+    # The device alone: prefill + decode, no host-side list building; the fused-projection
+    # decision as api.run_rows makes it (after the prefill, which allocates the cache).
     plan = engine.make_plan(model_cfg, rows, num_eos=0)
     dev = []
     for _ in range(spec["repeats"]):
       t0 = time.perf_counter()
-      st = engine.advance(model_cfg, params, plan, engine.start(model_cfg, params, plan, rows, ()),
+      st = engine.start(model_cfg, params, plan, rows, ())
+      st = engine.advance(model_cfg, params, engine.fit_fuse(model_cfg, params, plan), st,
                           plan.new)
       jax.block_until_ready(st["tokens"])
       dev.append(time.perf_counter() - t0)

@@ -104,9 +104,14 @@ def _split(mesh, row_axes):
   return mesh, row_axes
 
 
+# Specs of _per_device's arguments and results: 'R' marks the row-split dimension.
+_ROWS3 = ("R", None, None)  # hidden states / dh [B, T, D]
+_ROWS2 = ("R", None)  # targets, mask, log-probs, per-token NLL [B, T]
+_WHOLE = ()  # the weight, dW, scalars: whole on every device
+
+
 def _per_device(fn, split, in_specs, out_specs):
-  """fn as is (split None), or under shard_map with these specs ('R' marks a row-split
-  dimension, None a whole one)."""
+  """fn as is (split None), or under shard_map with these specs (_ROWS3, _ROWS2, _WHOLE)."""
   if split is None:
     return fn
   mesh, axes = split
@@ -199,8 +204,7 @@ def _nll_sum(h, w, y, m, opts, split):
   def local(h, w, y, m):
     nll = -_scan_logprobs(h, w, y, opts)
     return (_psum(jnp.sum(jnp.where(m != 0, nll, 0.0) * m), split),)
-  row = ("R", None)
-  return _per_device(local, split, (("R", None, None), (), row, row), ((),))(h, w, y, m)[0]
+  return _per_device(local, split, (_ROWS3, _WHOLE, _ROWS2, _ROWS2), (_WHOLE,))(h, w, y, m)[0]
 
 
 def _nll_sum_fwd(h, w, y, m, opts, split):
@@ -211,9 +215,8 @@ def _nll_sum_fwd(h, w, y, m, opts, split):
     total, dh, dw, nll = _fused(h, w, y, m, opts, need_w)
     return _psum(total, split), dh, _psum(dw, split) if need_w else dw, nll
 
-  row, row3 = ("R", None), ("R", None, None)
-  total, dh, dw, nll = _per_device(local, split, (row3, (), row, row), ((), row3, (), row))(
-      h, w, y, m)
+  total, dh, dw, nll = _per_device(local, split, (_ROWS3, _WHOLE, _ROWS2, _ROWS2),
+                                   (_WHOLE, _ROWS3, _WHOLE, _ROWS2))(h, w, y, m)
   return total, (dh, dw if need_w else None, nll if need_m else None)
 
 
@@ -232,9 +235,8 @@ _nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd, symbolic_zeros=True)
 # ----------------------------------------------------------------------- token log-probs
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _token_lp(h, w, y, opts, split):
-  row = ("R", None)
   return _per_device(lambda h, w, y: (_scan_logprobs(h, w, y, opts),), split,
-                     (("R", None, None), (), row), (row,))(h, w, y)[0]
+                     (_ROWS3, _WHOLE, _ROWS2), (_ROWS2,))(h, w, y)[0]
 
 
 def _token_lp_fwd(h, w, y, opts, split):
@@ -254,8 +256,7 @@ def _token_lp_bwd(opts, split, res, ct):
     _, dh, dw, _ = _fused(h, w, y, -g.astype(jnp.float32), opts, need_w)
     return dh, _psum(dw, split) if need_w else dw
 
-  row3 = ("R", None, None)
-  dh, dw = _per_device(local, split, (row3, (), ("R", None), ("R", None)), (row3, ()))(
+  dh, dw = _per_device(local, split, (_ROWS3, _WHOLE, _ROWS2, _ROWS2), (_ROWS3, _WHOLE))(
       h, w, y, ct)
   return dh, dw if need_w else None, None
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxtune.losses.chunked import chunked_cross_entropy  # noqa: F401  (its old home)
-
 
 def masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
   """sum(mask * values) in float32, where masked-out values (even NaN/inf) count as 0."""

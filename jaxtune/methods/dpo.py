@@ -143,10 +143,12 @@ def _reference_hidden(model_cfg, params, flat, constrain):
   return jax.lax.stop_gradient(base.hidden(model_cfg, params, flat, constrain))
 
 
-def sequence_logprobs(model_cfg, params, h, flat, *, with_tokens: bool = False, mesh=None):
+def sequence_logprobs(model_cfg, params, h, flat, *, with_tokens: bool = False,
+                      constrain=None):
   """([B, 2] summed, [B, 2] averaged) response log-probs from hidden states [2B, T, D]
-  (and the token log-probs [2B, T] with `with_tokens`); `mesh`: the head per device."""
-  lp = head.token_logprobs(model_cfg, params, h, flat["targets"], mesh=mesh)  # [2B, T]
+  (and the token log-probs [2B, T] with `with_tokens`)."""
+  lp = head.token_logprobs(model_cfg, params, h, flat["targets"],
+                           constrain=constrain)  # [2B, T]
   total, avg = pairs.sequence_logprobs(lp, flat["loss_mask"])  # [2B], [2B]
   out = pairs.unflatten(total), pairs.unflatten(avg)
   return (*out, lp) if with_tokens else out
@@ -155,7 +157,6 @@ def sequence_logprobs(model_cfg, params, h, flat, *, with_tokens: bool = False, 
 def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.DpoConfig,
                    mode: str, *, adapters=None, constrain=None):
   """objective(trainable, frozen, batch, rng) -> (sum of pair losses, (pairs, metrics))."""
-  mesh = getattr(constrain, "mesh", None)
 
   def objective(trainable, frozen, batch, rng):
     del rng
@@ -164,7 +165,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
     params = base.model_params(trainable, frozen, adapters)
     h, aux = base.hidden(model_cfg, params, flat, constrain, return_aux=True)
     pol_sum, pol_avg, lp = sequence_logprobs(model_cfg, params, h, flat, with_tokens=True,
-                                             mesh=mesh)  # [B, 2], [2B, T]
+                                             constrain=constrain)  # [B, 2], [2B, T]
     extra = {}
     if mode == "none":
       ref_sum = ref_avg = jnp.zeros_like(pol_sum)
@@ -175,7 +176,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, method_cfg: config_lib.Dpo
       ref_params = frozen["ref"] if mode == "frozen" else frozen["base"]
       h_ref = _reference_hidden(model_cfg, ref_params, flat, constrain)
       ref_sum, ref_avg = jax.lax.stop_gradient(
-          sequence_logprobs(model_cfg, ref_params, h_ref, flat, mesh=mesh))
+          sequence_logprobs(model_cfg, ref_params, h_ref, flat, constrain=constrain))
     nll = None
     if method_cfg.loss_type == "orpo" and method_cfg.orpo_nll == "token":
       nll = orpo_token_nll(lp, flat, valid)
@@ -228,7 +229,7 @@ def precompute(ctx) -> dict:
     flat = pairs.flatten(batch)
     h = _reference_hidden(model_cfg, params, flat, constrain)
     total, avg = sequence_logprobs(model_cfg, params, h, flat,
-                                   mesh=getattr(constrain, "mesh", None))  # [B, 2]
+                                   constrain=constrain)  # [B, 2]
     return pair_keys(batch), jnp.stack([total, avg], axis=-1), pairs.valid_pairs(batch)
 
   batch_sh = sharding.batch_sharding(ctx.mesh)

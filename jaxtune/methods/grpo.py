@@ -100,7 +100,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, grpo_cfg: config_lib.GrpoC
   def logps_of(params, batch):
     h, aux = base.hidden(model_cfg, params, batch, constrain, return_aux=True)
     lp = head.token_logprobs(model_cfg, params, h, batch["targets"],
-                             mesh=getattr(constrain, "mesh", None))  # [B, T]
+                             constrain=constrain)  # [B, T]
     return lp, h, aux
 
   def objective(trainable, frozen, batch, rng):

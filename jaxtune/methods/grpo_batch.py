@@ -137,7 +137,7 @@ def _logps_fn(model_cfg, mesh):
 
     def fn(params, b):
       h = base.hidden(model_cfg, params, b, constrain)
-      return head.token_logprobs(model_cfg, params, h, b["targets"], mesh=mesh)
+      return head.token_logprobs(model_cfg, params, h, b["targets"], constrain=constrain)
     _LOGPS_CACHE[(model_cfg, mesh)] = jax.jit(fn)
   return _LOGPS_CACHE[(model_cfg, mesh)]
 

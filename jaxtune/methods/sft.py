@@ -27,7 +27,7 @@ def make_objective(model_cfg: config_lib.ModelConfig, *, adapters=None, constrai
     mask = batch["loss_mask"].astype(jnp.float32)  # [B, T]
     tokens = jnp.sum(mask)
     nll_sum, nll = head.nll_sum(model_cfg, params, h, batch["targets"], mask,
-                                mesh=getattr(constrain, "mesh", None))
+                                constrain=constrain)
     aux_sum, aux_metrics = base.moe_aux(model_cfg, aux, tokens)  # MoE load balancing
     metrics = {"loss": (nll_sum, tokens), **aux_metrics}
     if nll is not None and num_sources > 1 and "source_ids" in batch:

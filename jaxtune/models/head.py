@@ -76,15 +76,17 @@ def row_axes(mesh, h: jax.Array):
 
 
 def token_logprobs(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
-                   targets: jax.Array, *, mesh=None) -> jax.Array:
+                   targets: jax.Array, *, constrain=None) -> jax.Array:
   """log p(targets) [N, T] float32 from final-normed hidden states h [N, T, D].
 
   With cfg.logits_chunk > 0 the [N, T, V] logits are never materialised: tokens are scored
   `logits_chunk` at a time (`losses.chunked_token_logprobs`; the backward recomputes each
-  chunk), on `mesh` each device its own rows.
+  chunk), each device its own rows on the mesh of `constrain` (`sharding.constrainer`, as
+  the decoder receives it).
   """
   if cfg.logits_chunk <= 0:
     return losses.token_logprobs(logits(cfg, params, h), targets)
+  mesh = getattr(constrain, "mesh", None)
   w, transposed = kernel(cfg, params)
   return losses.chunked_token_logprobs(
       h, w.astype(h.dtype), targets, chunk_size=cfg.logits_chunk, transpose=transposed,
@@ -92,15 +94,17 @@ def token_logprobs(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
 
 
 def nll_sum(cfg: config_lib.ModelConfig, params: dict, h: jax.Array, targets: jax.Array,
-            mask: jax.Array, *, mesh=None) -> tuple[jax.Array, jax.Array | None]:
+            mask: jax.Array, *, constrain=None) -> tuple[jax.Array, jax.Array | None]:
   """(sum of masked token NLLs [], per-token NLL [B, T] or None when chunked).
 
   The per-token NLLs (for per-source metrics) exist only on the unchunked path; the chunked
   one is `losses.chunked_cross_entropy` (gradients fused into the forward, dW skipped when
-  the output weights are frozen; on `mesh` each device scores its own rows).
+  the output weights are frozen; on the mesh of `constrain` each device scores its own
+  rows).
   """
   mask = mask.astype(jnp.float32)
   if cfg.logits_chunk > 0:
+    mesh = getattr(constrain, "mesh", None)
     w, transposed = kernel(cfg, params)
     mean, _ = losses.chunked_cross_entropy(h, w.astype(h.dtype), targets, mask,
                                            chunk_size=cfg.logits_chunk, transpose=transposed,
