@@ -5,10 +5,10 @@ framework `torch_ddp`, run when `--mesh` names more than one device).
 `python -m torch.distributed.run --nproc_per_node=2 launch/bench.py --worker=SPEC`: each
 process drives one GPU (NCCL; gloo on CPU), holds a whole copy of the model, takes its own
 contiguous rows of the global batch, and DDP all-reduces the trainable gradients (bucketed,
-overlapped with the backward pass). Rank 0 times the steps and writes the row (its peak
-memory is rank 0's own; the losses are averaged over the ranks); tokens count the whole
-global batch, as jaxtune's mesh rows do. NCCL's environment (NVLink multicast off where the
-machine says so) is inherited.
+overlapped with the backward pass). Rank 0 times the steps and writes the row (its losses
+and peak memory are rank 0's own); tokens count the whole global batch, as jaxtune's mesh
+rows do. NCCL's environment (NVLink multicast off
+where the machine says so) is inherited.
 """
 
 import os
@@ -57,33 +57,10 @@ def wrap(model, dev: str):
       model, device_ids=[torch.cuda.current_device()] if dev == "cuda" else None)
 
 
-def mean_over_ranks(spec: dict, losses: list) -> list[float]:
-  """Each step's loss (0-d tensors) averaged over the ranks: the global batch's mean loss
-  when every rank holds as many loss tokens (the synthetic rows); as is for one device."""
-  import torch
-  t = torch.stack(losses).float()
-  if spec.get("ddp"):
-    import torch.distributed as dist
-    dist.all_reduce(t)
-    t = t / dist.get_world_size()
-  return [float(x) for x in t.cpu()]
-
-
-def replica_sums(params: list) -> list[float]:
-  """Every rank's sum of its trainable weights (float64), rank order: DDP keeps the replicas
-  identical, ranks training apart on their own rows would not be."""
-  import torch
-  import torch.distributed as dist
-  mine = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-  every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-  dist.all_gather(every, mine)
-  return [float(x) for x in every]
-
-
 def finish(spec: dict) -> None:
   """Waits for every rank and leaves the group. (Every step's gradient all-reduce already
-  keeps the ranks in step, so rank 0's timing is the group's; its row's peak memory is
-  rank 0's own.)"""
+  keeps the ranks in step, so rank 0's timing is the group's; its row's losses and peak
+  memory are rank 0's own.)"""
   if spec.get("ddp"):
     import torch.distributed as dist
     dist.barrier()
