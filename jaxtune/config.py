@@ -100,7 +100,7 @@ class ModelConfig:
   attention: str = "auto"  # auto | xla | cudnn | pallas | splash (models/attention.py)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
   logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens
-  moe_impl: str = "auto"  # MoE grouped matmul: auto (GPU blocked, else ragged) | ragged | blocked
+  moe_impl: str = "auto"  # MoE grouped matmul: auto | ragged | blocked | mgpu (Hopper)
 
   @property
   def q_size(self) -> int:

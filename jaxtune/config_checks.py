@@ -23,7 +23,7 @@ _CHOICES = {
     "model.attention": ("auto", "xla", "cudnn", "pallas", "splash"),
     "model.rope_scaling.kind": ("none", "llama3", "linear", "longrope"),
     "model.hidden_act": ("silu", "gelu_pytorch_tanh"),
-    "model.moe_impl": ("auto", "ragged", "blocked"),
+    "model.moe_impl": ("auto", "ragged", "blocked", "mgpu"),
     "peft.quant_method": ("nf4", "int4"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("auto", "text", "chat", "instruction", "prompt_completion", "preference",

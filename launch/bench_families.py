@@ -97,6 +97,8 @@ def define_flags() -> None:
                       "peer ('' = its default: grouped_mm on GPU; eager = the Python loop).")
   flags.DEFINE_string("jax_model", "", "Extra jaxtune ModelConfig options, k=v,k=v (remat, "
                       "logits_chunk, scan_layers, attention) over the workload's.")
+  flags.DEFINE_string("profile_dir", "", "jaxtune rows: write the compiled HLO there and add "
+                      "GPU time per step by kernel (a jax.profiler trace of 2 steps) to the row.")
   flags.DEFINE_bool("smoke", False, "Tiny shapes on CPU, 1 warmup + 2 timed steps.")
   flags.DEFINE_integer("run_timeout", 1800, "Seconds before a run is killed.")
   flags.DEFINE_string("out_dir", "", "Write bench_families.json and .txt here.")
@@ -172,6 +174,10 @@ def _jax_worker(spec: dict) -> dict:
   out["losses"] = [float(x) for x in jax.device_get(losses)]
   if "moe_aux_loss" in metrics:
     out["moe_aux_loss"] = float(metrics["moe_aux_loss"])
+  if spec.get("profile_dir"):  # GPU time by kernel of 2 more steps (bench_workers._profile)
+    tag = "_".join(f"{k}-{v}" for k, v in spec["model"].items() if k == "moe_impl") or "default"
+    out["profile"] = bench_workers._profile(  # noqa: SLF001
+        dict(spec, variant=tag), run, state, batch)
   out["peak_bytes"] = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
   out["device"] = jax.local_devices()[0].device_kind
   out["config_extra"] = ",".join(f"{k}={v}" for k, v in spec["model"].items())
@@ -313,7 +319,8 @@ def specs() -> list[dict]:
     base = dict(workload=wl, smoke=FLAGS.smoke, seq=32 if FLAGS.smoke else FLAGS.seq,
                 batch=FLAGS.batch or (2 if FLAGS.smoke else w["batch"]), layers=FLAGS.layers,
                 warmup=1 if FLAGS.smoke else FLAGS.warmup,
-                steps=2 if FLAGS.smoke else FLAGS.steps, model=model)
+                steps=2 if FLAGS.smoke else FLAGS.steps, model=model,
+                profile_dir=FLAGS.profile_dir)
     ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, w["peer_ckpt"])
     for fw in FLAGS.frameworks:
       if fw == "torch":

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune import quant
-from jaxtune.models import layers
+from jaxtune.models import grouped_gemm, layers
 
 # The param names of a MoE layer's MLP, and of a dense one in a mixed model.
 MOE_NAMES = ("gate", "experts")
@@ -141,7 +141,7 @@ def layer_slice(cfg: config_lib.ModelConfig, stacked: dict, i: int) -> dict:
   return out
 
 
-IMPLS = ("auto", "ragged", "blocked")
+IMPLS = ("auto", "ragged", "blocked", "mgpu")
 BLOCK = 128  # rows per block of the 'blocked' grouped matmul
 
 
@@ -151,7 +151,9 @@ def ragged_linear(x: jax.Array, w, group_sizes: jax.Array, impl: str = "ragged")
   adapter leaf with a `ragged_linear(x, group_sizes, impl)` method (expert LoRA).
 
   impl: 'ragged' = `jax.lax.ragged_dot` (XLA's grouped matmul; where the backend has no
-  grouped kernel XLA expands it densely), 'blocked' = `grouped_blocks`.
+  grouped kernel XLA expands it densely), 'blocked' = `grouped_blocks`, 'mgpu' = JAX's Mosaic
+  GPU grouped kernels (`grouped_gemm`, Hopper) where the shapes fit their tiles (a LoRA
+  factor's rank does not), else 'blocked'.
   """
   if isinstance(w, quant.QArray):
     w = quant.dequantize(w)
@@ -160,7 +162,9 @@ def ragged_linear(x: jax.Array, w, group_sizes: jax.Array, impl: str = "ragged")
   elif not hasattr(w, "dtype"):
     raise TypeError(f"MoE experts: {type(w).__name__} kernels cannot run as grouped matmuls "
                     "(supported: dense, 4-bit QArray, LoRA)")
-  if impl == "blocked":
+  if impl == "mgpu" and grouped_gemm.fits(x, w.astype(x.dtype)):
+    return grouped_gemm.ragged_dot(x, w.astype(x.dtype), group_sizes)
+  if impl in ("blocked", "mgpu"):
     return grouped_blocks(x, w.astype(x.dtype), group_sizes)
   return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
 
@@ -185,12 +189,39 @@ def grouped_blocks(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   start = jnp.cumsum(group_sizes) - group_sizes
   expert = jnp.repeat(jnp.arange(e), group_sizes, total_repeat_length=m)  # [M]
   dest = pad_start[expert] + jnp.arange(m) - start[expert]  # row -> padded row
-  xp = jnp.zeros((nb * block, x.shape[1]), x.dtype).at[dest].set(x)
+  src = jnp.full((nb * block,), -1, dest.dtype).at[dest].set(jnp.arange(m, dtype=dest.dtype))
+  xp = permute_rows(x, src, dest)  # [nb * block, in], padding rows 0
   ends = jnp.cumsum(padded)
   block_expert = jnp.minimum(jnp.searchsorted(ends, jnp.arange(nb) * block, side="right"),
                              e - 1)  # [nb], ascending
   yp = _block_matmul(xp.reshape(nb, block, -1), w, block_expert)
-  return jnp.take(yp.reshape(nb * block, -1), dest, axis=0)
+  return permute_rows(yp.reshape(nb * block, -1), dest, src)
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, idx: jax.Array, back: jax.Array) -> jax.Array:
+  """x[idx] along rows, 0 where idx < 0, for a one-to-one map: every row i of x is read by
+  exactly one output row j (idx[j] = i, back[i] = j; back[i] < 0 for a row nothing reads).
+  Its transpose is then the gather by `back`, not a scatter-add: XLA's scatter-adds of
+  [rows, width] gradients were the MoE step's largest non-matmul cost on an H200."""
+  return _take_fill(x, idx)
+
+
+def _take_fill(x, idx):
+  rows = x.shape[0]
+  return jnp.take(x, jnp.where(idx >= 0, idx, rows), axis=0, mode="fill", fill_value=0)
+
+
+def _permute_rows_fwd(x, idx, back):
+  return _take_fill(x, idx), (idx, back)
+
+
+def _permute_rows_bwd(res, dy):
+  idx, back = res
+  return _take_fill(dy, back), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
 @jax.custom_vjp
@@ -245,7 +276,8 @@ def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
   probs, top_w, top_i = route(cfg, x, p["gate"]["kernel"])
   flat_e = top_i.reshape(-1)  # [N*k] expert of each (token, slot) pair
   order = jnp.argsort(flat_e, stable=True)  # pairs sorted by expert
-  xs = jnp.take(x, order // k, axis=0)  # [N*k, D]
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  xs = permute_rows(jnp.repeat(x, k, axis=0), order, inverse)  # [N*k, D]
   group_sizes = jnp.bincount(flat_e, length=e).astype(jnp.int32)  # [E]
   experts = p["experts"]
   impl = resolve_impl(cfg.moe_impl)
@@ -253,8 +285,7 @@ def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
   gate, up = jnp.split(gu, 2, axis=-1)
   ys = ragged_linear(layers.swiglu(gate, up), experts["down_proj"]["kernel"], group_sizes,
                      impl)
-  inverse = jnp.argsort(order)  # back to (token, slot) order
-  ys = jnp.take(ys, inverse, axis=0).reshape(b * t, k, d)  # [N, k, D]
+  ys = permute_rows(ys, inverse, order).reshape(b * t, k, d)  # (token, slot) order: [N, k, D]
   y = jnp.einsum("nkd,nk->nd", ys, top_w.astype(ys.dtype))
   m = jnp.ones((b * t,), jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
   counts = jnp.einsum("nke,n->e", jax.nn.one_hot(top_i, e, dtype=jnp.float32), m)
@@ -265,11 +296,18 @@ def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
 
 
 def resolve_impl(impl: str) -> str:
-  """model.moe_impl=auto: 'blocked' on GPU, where XLA's ragged_dot ran 10x slower on an H200
-  (Qwen3-30B-A3B shape, LoRA: 1.4k against 13.8k tokens/s, docs/BENCHMARKS.md), else
-  'ragged' (a native grouped matmul on TPU; on CPU both are exact)."""
+  """model.moe_impl=auto: 'mgpu' on one Hopper GPU (`grouped_gemm.available`), 'blocked' on
+  other GPUs, where XLA's ragged_dot ran 10x slower on an H200 (Qwen3-30B-A3B shape, LoRA:
+  1.4k against 13.8k tokens/s, docs/BENCHMARKS.md), else 'ragged' (a native grouped matmul
+  on TPU; on CPU both are exact). A forced 'mgpu' where the kernels are unavailable raises."""
+  if impl == "mgpu" and not grouped_gemm.available():
+    raise config_lib.ConfigError(
+        "model.moe_impl='mgpu' needs one local Hopper (sm_90) or newer GPU and jax's Mosaic "
+        "GPU ragged-dot kernels (a multi-device run uses 'blocked'); use 'auto'")
   if impl != "auto":
     return impl
+  if grouped_gemm.available():
+    return "mgpu"
   return "blocked" if jax.default_backend() == "gpu" else "ragged"
 
 

@@ -1,0 +1,92 @@
+"""The MoE layer's row permutations and the choice of grouped-matmul kernel.
+
+The Mosaic GPU kernels themselves (`models/grouped_gemm.py`) run only on a Hopper GPU: their
+numbers are checked there against float32 `jax.lax.ragged_dot` by launch/bench_moe_gemm.py
+(docs/BENCHMARKS.md), and the test at the end runs where such a GPU is present.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import config as config_lib
+from jaxtune.models import grouped_gemm
+from jaxtune.models import moe
+
+
+def _perm(n, seed):
+  order = np.random.default_rng(seed).permutation(n)
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(n)
+  return jnp.asarray(order), jnp.asarray(inverse)
+
+
+def test_permute_rows_values_and_gradient_equal_take():
+  """A permutation, and a padding map (rows read once, some output rows empty): values and
+  the gradient (gathered back, not scatter-added) equal jnp.take's autodiff."""
+  x = jax.random.normal(jax.random.key(0), (6, 3))
+  order, inverse = _perm(6, 1)
+  dy = jax.random.normal(jax.random.key(1), (6, 3))
+  np.testing.assert_array_equal(moe.permute_rows(x, order, inverse), x[np.asarray(order)])
+  got = jax.vjp(lambda x: moe.permute_rows(x, order, inverse), x)[1](dy)[0]
+  want = jax.vjp(lambda x: jnp.take(x, order, axis=0), x)[1](dy)[0]
+  np.testing.assert_allclose(got, want, rtol=0, atol=0)
+  # padding: 6 rows into 9 slots (slots 2, 5, 8 empty)
+  dest = jnp.asarray([0, 1, 3, 4, 6, 7])
+  src = jnp.asarray([0, 1, -1, 2, 3, -1, 4, 5, -1])
+  xp = moe.permute_rows(x, src, dest)
+  np.testing.assert_array_equal(np.asarray(xp)[[2, 5, 8]], 0)
+  np.testing.assert_array_equal(np.asarray(xp)[np.asarray(dest)], x)
+  dyp = jax.random.normal(jax.random.key(2), (9, 3))
+  got = jax.vjp(lambda x: moe.permute_rows(x, src, dest), x)[1](dyp)[0]
+  np.testing.assert_array_equal(got, np.asarray(dyp)[np.asarray(dest)])
+  back = jax.vjp(lambda p: moe.permute_rows(p, dest, src), xp)[1](dy)[0]  # unpad's transpose
+  want = jnp.zeros((9, 3)).at[dest].add(dy)
+  np.testing.assert_array_equal(back, want)
+
+
+def test_blocked_matmul_with_gathers_equals_ragged_dot_and_its_gradients():
+  """grouped_blocks (pad by gather, unpad by gather, both transposed as gathers) against
+  jax.lax.ragged_dot, with an expert that gets no rows, float32."""
+  k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+  sizes = jnp.asarray([5, 0, 9, 2], jnp.int32)
+  x = jax.random.normal(k1, (16, 8))
+  w = jax.random.normal(k2, (4, 8, 6))
+  dy = jax.random.normal(k3, (16, 6))
+  f = lambda x, w: moe.grouped_blocks(x, w, sizes, block=4)  # noqa: E731
+  g = lambda x, w: jax.lax.ragged_dot(x, w, sizes)  # noqa: E731
+  np.testing.assert_allclose(f(x, w), g(x, w), rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.vjp(f, x, w)[1](dy), jax.vjp(g, x, w)[1](dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_choice_off_hopper():
+  """Off a Hopper GPU: 'auto' keeps the portable kernels, a forced 'mgpu' is refused with the
+  setting named, and the tile check refuses a LoRA factor's rank."""
+  if grouped_gemm.available():
+    pytest.skip("a Hopper GPU is present")
+  assert moe.resolve_impl("auto") == ("blocked" if jax.default_backend() == "gpu" else "ragged")
+  with pytest.raises(config_lib.ConfigError, match="model.moe_impl='mgpu'"):
+    moe.resolve_impl("mgpu")
+  x = jnp.zeros((32, 2048), jnp.bfloat16)
+  assert grouped_gemm.fits(x, jnp.zeros((8, 2048, 1536), jnp.bfloat16))  # Qwen3 gate|up
+  assert grouped_gemm.fits(jnp.zeros((32, 768), jnp.bfloat16),
+                           jnp.zeros((8, 768, 2048), jnp.bfloat16))  # Qwen3 down
+  assert not grouped_gemm.fits(x, jnp.zeros((8, 2048, 16), jnp.bfloat16))  # LoRA A (rank 16)
+  assert not grouped_gemm.fits(x.astype(jnp.float32), jnp.zeros((8, 2048, 1536)))  # fp32
+
+
+@pytest.mark.skipif(not grouped_gemm.available(), reason="needs one Hopper GPU")
+def test_mgpu_ragged_dot_and_gradients_match_float32():
+  sizes = jnp.asarray([300, 0, 212, 512], jnp.int32)
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(k1, (1024, 256), jnp.bfloat16)
+  w = (jax.random.normal(k2, (4, 256, 512)) / 16).astype(jnp.bfloat16)
+  dy = jax.random.normal(k3, (1024, 512), jnp.bfloat16)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  got = jax.vjp(grouped_gemm.ragged_dot, x, w, sizes)
+  want = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes), f32(x), f32(w))
+  for a, b in [(got[0], want[0]), *zip(got[1](dy)[:2], want[1](f32(dy)))]:
+    scale = float(jnp.max(jnp.abs(b)))
+    assert float(jnp.max(jnp.abs(f32(a) - b))) < 2e-2 * scale
