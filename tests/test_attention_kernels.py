@@ -109,7 +109,7 @@ def test_segment_runs_and_the_gpu_branch():
   np.testing.assert_array_equal(lengths, [[2, 1, 1], [4, -1, -1]])
   np.testing.assert_array_equal(count, [3, 1])
   np.testing.assert_array_equal(attention.run_count(_segments()), [4, 2, 1, 2])
-  assert attention.PACKED_RUNS == (16, 32, 64)
+  assert attention.PACKED_RUNS == (16, 24, 32, 40, 48, 64)
 
   def rows(examples, width=2):  # one row of examples of `width` tokens, then padding
     seg = np.zeros((1, T), np.int32)
@@ -118,10 +118,11 @@ def test_segment_runs_and_the_gpu_branch():
 
   assert int(attention.gpu_branch(_segments()[1:3])) == 0  # unpacked: plain causal cuDNN
   # Runs include a trailing padding run: 15 examples + padding = 16 runs -> bound 16 (1);
-  # 16 + padding = 17 -> 32 (2); 31 + padding = 32 -> 32; 63 + padding = 64 -> 64 (3);
-  # 64 examples fill the 128 tokens (no padding) -> 64; 65 + padding = 66 -> Pallas (4).
-  got = [int(attention.gpu_branch(rows(n))) for n in (15, 16, 31, 63, 64)]
-  assert got + [int(attention.gpu_branch(rows(65, width=1)))] == [1, 2, 2, 3, 3, 4]
+  # 16 + padding = 17 -> 24 (2); 31 + padding = 32 -> 32 (3); 39 + padding = 40 -> 40 (4);
+  # 40 + padding = 41 -> 48 (5); 63 + padding = 64 -> 64 (6); 64 examples fill the 128
+  # tokens (no padding) -> 64; 65 + padding = 66 -> Pallas (7).
+  got = [int(attention.gpu_branch(rows(n))) for n in (15, 16, 31, 39, 40, 63, 64)]
+  assert got + [int(attention.gpu_branch(rows(65, width=1)))] == [1, 2, 3, 4, 5, 6, 6, 7]
 
 
 def _sharded_step(impl, mesh, kv_heads, use_mesh, **kw):

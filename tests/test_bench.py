@@ -257,7 +257,7 @@ def test_chat_rows_are_the_pipelines_and_the_peer_scores_them_like_jaxtune(tmp_p
   from launch import bench_chat
   from tests import hf_models
 
-  spec = {"data": "chat", "seq": 128, "batch": 2}
+  spec = {"data": "chat", "seq": 128, "batch": 2, "copies": 1}  # the sample itself
   batch = next(bench_chat.host_batches(spec, 512))
   seg = batch["segment_ids"]
   assert (seg.max(axis=1) >= 2).all()  # packed: several examples per row
