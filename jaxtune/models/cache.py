@@ -20,6 +20,21 @@ is what lets a sliding-window model keep only S = W slots as a ring (slot = colu
     row 0  . . . a b c d e | f g        prompt of 5 (3 padding slots at -1), positions 0..
     row 1  a b c d e f g h | i j        prompt of 8
 
+Models whose layers differ (Gemma 2/3: sliding layers of window W and global ones) keep two
+groups when W is shorter than the generation's C columns: `KVCache.local`, a ring of W
+slots for the sliding layers, and the top-level k, v, pos with every column for the global
+layers. Each group is laid out as above over its own layers, with its own `pos` (the same
+columns, each at slot column mod its S). E.g. Gemma 3, layers (5 sliding, 1 global) x G:
+
+    kv.local  k, v [5G, B, K, W, Dh]   pos [B, W]   slot = column mod W
+    kv        k, v [G, B, K, C, Dh]    pos [B, C]   slot = column
+
+Layer i is entry `_rank` of its group (the layers of its group before it; from a traced i
+in the grouped scan, counted per period of the layer pattern). A model whose layers share
+one window (or none), a generation of at most W columns, or prompt tuning (the sampler
+keeps every column there: padding sits between the virtual tokens and the prompt, so the
+last W columns may miss in-window tokens) has one group.
+
 The KV layout [B, K, S, Dh] puts the per-(row, kv head) batch dims first and S next to Dh,
 so a decode step's q . k and p . v are batched matrix products over contiguous slots.
 """
@@ -34,6 +49,7 @@ import jax.numpy as jnp
 
 from jaxtune import config as config_lib
 from jaxtune.models import attention as attention_lib
+from jaxtune.models import layer_pattern
 
 
 def _static(default=dataclasses.MISSING):
@@ -42,10 +58,12 @@ def _static(default=dataclasses.MISSING):
 
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Keys, values and slot positions of every layer (see the module docstring)."""
+  """Keys, values and slot positions of every layer (see the module docstring): one group,
+  or the global layers' with the sliding layers' ring in `local`."""
   k: Any  # [L, B, K, S, Dh], or a tuple of L [B, K, S, Dh]
   v: Any
   pos: Any  # [B, S] int32, -1 = empty
+  local: "KVCache | None" = None  # sliding layers' ring [L_local, B, K, W, Dh] (Gemma 2/3)
 
   @property
   def slots(self) -> int:
@@ -58,45 +76,82 @@ jax.tree_util.register_dataclass(KVCache)
 def slots(cfg: config_lib.ModelConfig, total: int) -> int:
   """Slots to allocate for `total` = prompt columns + new tokens: all of them, or only the
   window for a sliding-window model whose window is shorter (a ring of W slots). A model
-  with some global layers (Gemma 2/3) keeps every slot: its sliding layers mask the same
-  buffer by position."""
+  with some global layers (Gemma 2/3) keeps every slot for those (`local_slots`: its
+  sliding layers' ring)."""
   windows = set(cfg.layer_windows)
   if len(windows) == 1 and cfg.sliding_window and cfg.sliding_window < total:
     return cfg.sliding_window
   return total
 
 
-def init(cfg: config_lib.ModelConfig, batch: int, num_slots: int, dtype) -> KVCache:
-  """An empty cache (zeros, every slot at position -1); stacked iff cfg.scan_layers."""
+def local_slots(cfg: config_lib.ModelConfig, total: int) -> int:
+  """The ring of the sliding layers of a model with global ones too: W when W < total,
+  else 0 (no separate group: every layer keeps all `total` slots)."""
+  if len(set(cfg.layer_windows)) > 1 and 0 < cfg.sliding_window < total:
+    return cfg.sliding_window
+  return 0
+
+
+def _group(cfg: config_lib.ModelConfig, n: int, batch: int, num_slots: int,
+           dtype) -> KVCache:
   shape = (batch, cfg.num_kv_heads, num_slots, cfg.head_dim)
   if cfg.scan_layers:
-    k = jnp.zeros((cfg.num_layers, *shape), dtype)
-    v = jnp.zeros((cfg.num_layers, *shape), dtype)
+    k, v = jnp.zeros((n, *shape), dtype), jnp.zeros((n, *shape), dtype)
   else:
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(n))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(n))
   return KVCache(k, v, jnp.full((batch, num_slots), -1, jnp.int32))
 
 
-def axes(cfg: config_lib.ModelConfig) -> KVCache:
-  """Logical axes of `init`'s cache (for sharding.spec / constraints)."""
-  one = ("batch", "kv_heads", "seq", "head_dim")
-  if cfg.scan_layers:
-    k = v = ("layers", *one)
-  else:
-    k = v = tuple(one for _ in range(cfg.num_layers))
-  return KVCache(k, v, ("batch", "seq"))
+def _sliding(cfg: config_lib.ModelConfig) -> tuple[bool, ...]:
+  return tuple(w > 0 for w in cfg.layer_windows)
+
+
+def init(cfg: config_lib.ModelConfig, batch: int, num_slots: int, dtype,
+         local: int = 0) -> KVCache:
+  """An empty cache (zeros, every slot at position -1); stacked iff cfg.scan_layers.
+  local: the sliding layers' ring (`local_slots`; 0 = one group of num_slots for all)."""
+  if not local:
+    return _group(cfg, cfg.num_layers, batch, num_slots, dtype)
+  n = sum(_sliding(cfg))
+  return dataclasses.replace(_group(cfg, cfg.num_layers - n, batch, num_slots, dtype),
+                             local=_group(cfg, n, batch, local, dtype))
+
+
+_ONE = ("batch", "kv_heads", "seq", "head_dim")
+
+
+def axes(cfg: config_lib.ModelConfig, local: bool = False) -> KVCache:
+  """Logical axes of `init`'s cache (for sharding.spec / constraints); local: with the
+  sliding layers' ring."""
+  def group(n):
+    k = ("layers", *_ONE) if cfg.scan_layers else tuple(_ONE for _ in range(n))
+    return KVCache(k, k, ("batch", "seq"))
+
+  if not local:
+    return group(cfg.num_layers)
+  n = sum(_sliding(cfg))
+  return dataclasses.replace(group(cfg.num_layers - n), local=group(n))
 
 
 def constrain(kv: KVCache, cfg: config_lib.ModelConfig, constrain_fn) -> KVCache:
   """kv with every buffer constrained to its logical axes by `constrain_fn(x, axes)`."""
-  ax = axes(cfg)
-  if cfg.scan_layers:
-    k, v = constrain_fn(kv.k, ax.k), constrain_fn(kv.v, ax.v)
-  else:
-    k = tuple(constrain_fn(x, a) for x, a in zip(kv.k, ax.k))
-    v = tuple(constrain_fn(x, a) for x, a in zip(kv.v, ax.v))
-  return KVCache(k, v, constrain_fn(kv.pos, ax.pos))
+  del cfg  # the layout is read from kv (stacked or per layer, one group or two)
+
+  def group(g):
+    if isinstance(g.k, tuple):
+      k, v = (tuple(constrain_fn(x, _ONE) for x in buf) for buf in (g.k, g.v))
+    else:
+      k, v = (constrain_fn(buf, ("layers", *_ONE)) for buf in (g.k, g.v))
+    return KVCache(k, v, constrain_fn(g.pos, ("batch", "seq")))
+
+  return _groups(kv, group)
+
+
+def _groups(kv: KVCache, fn) -> KVCache:
+  """kv with fn(group) -> group applied to each group (the top level keeps its `local`)."""
+  out = fn(kv)
+  return out if kv.local is None else dataclasses.replace(out, local=fn(kv.local))
 
 
 def ring(x: jax.Array, num_slots: int, axis: int) -> jax.Array:
@@ -122,20 +177,75 @@ def prefill_positions(cols: jax.Array, num_slots: int) -> jax.Array:
   return jnp.concatenate([cols, jnp.full((b, num_slots - p), -1, jnp.int32)], axis=1)
 
 
-def write_positions(kv: KVCache, slot: jax.Array, positions: jax.Array) -> KVCache:
-  """kv with slot `slot` ([] int32) of every row now holding position positions [B]."""
-  pos = jax.lax.dynamic_update_slice(kv.pos, positions[:, None].astype(jnp.int32),
-                                     (jnp.zeros((), jnp.int32), slot))
-  return dataclasses.replace(kv, pos=pos)
+def set_prefill_positions(kv: KVCache, cols: jax.Array) -> KVCache:
+  """kv with each group's slot positions after the prompt (`prefill_positions`)."""
+  return _groups(kv, lambda g: dataclasses.replace(g, pos=prefill_positions(cols, g.slots)))
+
+
+def write_positions(kv: KVCache, column: jax.Array, positions: jax.Array) -> KVCache:
+  """kv with column `column` ([] int32) of every row now holding position positions [B]:
+  in each group at slot column mod its S."""
+  def write(g):
+    pos = jax.lax.dynamic_update_slice(g.pos, positions[:, None].astype(jnp.int32),
+                                       (jnp.zeros((), jnp.int32), column % g.slots))
+    return dataclasses.replace(g, pos=pos)
+  return _groups(kv, write)
+
+
+def unstacked(kv: KVCache) -> KVCache:
+  """kv with stacked [L, ...] buffers split into tuples of L per-layer buffers."""
+  return _groups(kv, lambda g: g if isinstance(g.k, tuple) else
+                 dataclasses.replace(g, k=tuple(g.k), v=tuple(g.v)))
+
+
+def _rank(flags: tuple[bool, ...], i, flag: bool):
+  """Index of layer i among the layers whose flag is `flag`: an int for an int i; for a
+  traced i (a scan over groups of one period p of the pattern, `layer_pattern.scan`),
+  (i // p) * (its layers per period) + (its layers before i mod p in the period)."""
+  if isinstance(i, int):
+    return sum(f == flag for f in flags[:i])
+  p = layer_pattern.period(flags)
+  before = [sum(f == flag for f in flags[:j]) for j in range(p + 1)]
+  return (i // p) * before[p] + jnp.asarray(before[:p], jnp.int32)[i % p]
+
+
+def _locate(kv: KVCache, cfg: config_lib.ModelConfig, i, window: int):
+  """(layer i's group, its index there, whether the group is `local`)."""
+  if kv.local is None:
+    return kv, i, False
+  local = window > 0
+  return (kv.local if local else kv), _rank(_sliding(cfg), i, local), local
+
+
+def layer(kv: KVCache, cfg: config_lib.ModelConfig, i, window: int, *, column=0,
+          prefill: bool, gapless: bool) -> "Layer":
+  """Layer i's view (`Layer`) of kv, with its static window; column: this step's (decode)."""
+  g, r, _ = _locate(kv, cfg, i, window)
+  slot = column % g.slots
+  if isinstance(g.k, tuple):
+    return Layer(g.k[r], g.v[r], g.pos, slot, None, prefill=prefill, gapless=gapless)
+  return Layer(g.k, g.v, g.pos, slot, r, prefill=prefill, gapless=gapless)
+
+
+def store(kv: KVCache, cfg: config_lib.ModelConfig, i, window: int, new: "Layer") -> KVCache:
+  """kv with layer i's buffers as `layer` and the block left them (`new`)."""
+  g, r, local = _locate(kv, cfg, i, window)
+  if isinstance(g.k, tuple):
+    k, v = g.k[:r] + (new.k,) + g.k[r + 1:], g.v[:r] + (new.v,) + g.v[r + 1:]
+  else:
+    k, v = new.k, new.v
+  if local:
+    return dataclasses.replace(kv, local=dataclasses.replace(g, k=k, v=v))
+  return dataclasses.replace(kv, k=k, v=v)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One layer's view of the cache, handed to the decoder block (`decoder._block(kv=)`).
 
-  k, v: the layer's buffers [B, K, S, Dh], or the stacked [L, B, K, S, Dh] with `layer`
-  its (traced) index. pos [B, S]: slot positions including this call's tokens. slot: the
-  slot of this call's token (decode). prefill: static; True writes the P prompt columns
+  k, v: the layer's buffers [B, K, S, Dh], or its group's stacked [L, B, K, S, Dh] with
+  `layer` its (traced) index there. pos [B, S]: the group's slot positions including this
+  call's tokens. slot: the slot of this call's token (decode). prefill: static; True writes the P prompt columns
   (ring-wrapped when P > S) and attends within the prompt; False writes one token and
   attends over the cache. gapless: static; a row's filled slots are one run (no
   prompt-tuning prefix before the left padding), which the Pallas decode kernel needs.

@@ -312,17 +312,18 @@ def split_layers(cfg: config_lib.ModelConfig, stacked: dict) -> tuple:
 
 def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array,
                          kv: cache_lib.KVCache, *, positions: jax.Array,
-                         segment_ids: jax.Array | None = None, slot=0, prefill: bool,
+                         segment_ids: jax.Array | None = None, column=0, prefill: bool,
                          constrain=None) -> tuple[jax.Array, cache_lib.KVCache]:
   """`hidden_states` over a KV cache: final-normed h [B, T, D] and the updated cache.
 
   prefill=True: tokens [B, P] are the (left-padded, segment 0) prompts, written to the
   cache after the prompt-tuning prefix if params carry one (N virtual tokens first, so the
   cache holds N + P columns and h is [B, P, D]). prefill=False: tokens [B, 1], one new
-  token per row at positions [B, 1], written at `slot` ([] int32). `kv.pos` must already hold the positions of this call's tokens
-  (`cache.prefill_positions`, `cache.write_positions`). With unrolled layers,
-  params["layers"] may already be `split_layers`' tuple. No remat: nothing is
-  differentiated.
+  token per row at positions [B, 1], cache column `column` ([] int32; each group of the
+  cache writes it at slot column mod its slots). `kv.pos` must already hold the positions
+  of this call's tokens (`cache.set_prefill_positions`, `cache.write_positions`). With
+  unrolled layers, params["layers"] may already be `split_layers`' tuple. No remat:
+  nothing is differentiated.
   """
   if isinstance(params["layers"], dict):  # split_layers' tuple: checked at the prefill
     virtual_tokens.refuse_kv_prefix_in_cache(params)
@@ -336,41 +337,31 @@ def cached_hidden_states(cfg: config_lib.ModelConfig, params: dict, tokens: jax.
   ropes = layer_pattern.rope(cfg, positions, segment_ids)
   ks = layer_pattern.kinds(cfg)
 
-  def run(x, layer, view, kind=ks[0]):
+  def run(carry, layer, i, kind=ks[0]):  # layer i over its view of the cache
+    x, kv = carry
     inv_freq, factor = ropes[kind.local]
-    return _block(cfg, x, layer, positions=positions, segment_ids=segment_ids,
-                  inv_freq=inv_freq, constrain=constrain, kv=view, n_virtual=n_virtual,
-                  kind=kind, rope_factor=factor)
-
-  def view(k, v, i=None):
-    return cache_lib.Layer(k, v, kv.pos, slot, i, prefill=prefill, gapless=gapless)
+    view = cache_lib.layer(kv, cfg, i, kind.window, column=column, prefill=prefill,
+                           gapless=gapless)
+    x, new = _block(cfg, x, layer, positions=positions, segment_ids=segment_ids,
+                    inv_freq=inv_freq, constrain=constrain, kv=view, n_virtual=n_virtual,
+                    kind=kind, rope_factor=factor)
+    return x, cache_lib.store(kv, cfg, i, kind.window, new)
 
   if cfg.scan_layers and not layer_pattern.uniform(cfg):
-    def layer_body(carry, layer, kind, i):
-      x, k, v = carry
-      x, new = run(x, layer, view(k, v, i), kind)
-      return x, new.k, new.v
-
-    x, k, v = layer_pattern.scan(layer_body, (x, kv.k, kv.v), params["layers"], ks)
+    x, kv = layer_pattern.scan(lambda c, layer, kind, i: run(c, layer, i, kind), (x, kv),
+                               params["layers"], ks)
   elif cfg.scan_layers and not moe.is_mixed(cfg):
-    def body(carry, xs):
-      x, k, v = carry
-      layer, i = xs
-      x, new = run(x, layer, view(k, v, i))
-      return (x, new.k, new.v), None
-
     idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, k, v), _ = jax.lax.scan(body, (x, kv.k, kv.v), (params["layers"], idx))
+    (x, kv), _ = jax.lax.scan(lambda c, xs: (run(c, *xs), None), (x, kv),
+                              (params["layers"], idx))
   else:
-    k, v = list(kv.k), list(kv.v)
+    kv = cache_lib.unstacked(kv)
     per_layer = params["layers"]
     if not isinstance(per_layer, tuple):
       per_layer = split_layers(cfg, per_layer)
     for i in range(cfg.num_layers):
-      x, new = run(x, per_layer[i], view(k[i], v[i]), ks[i])
-      k[i], v[i] = new.k, new.v
-    k, v = tuple(k), tuple(v)
-  return head.final_norm(cfg, params, x[:, n_virtual:]), cache_lib.KVCache(k, v, kv.pos)
+      x, kv = run((x, kv), per_layer[i], i, ks[i])
+  return head.final_norm(cfg, params, x[:, n_virtual:]), kv
 
 
 def forward(cfg: config_lib.ModelConfig, params: dict, tokens: jax.Array, *,

@@ -15,7 +15,8 @@ says so in a log line ("sampling: compiling ..."). `TRACES` counts the traces.
 
 State (B rows, P prompt columns, N token columns + 1 scratch column, S cache slots):
 
-    kv        cache.KVCache            the keys and values of every layer
+    kv        cache.KVCache            the keys and values of every layer (a mixed-window
+                                       model's sliding layers: a ring of `local_slots`)
     tokens    [B, N + 1] int32         new tokens; column t is the t-th new token
     logprobs  [B, N + 1] float32       their log-probabilities (see select.py)
     step      [] int32                 columns written so far (the same for every row)
@@ -60,11 +61,12 @@ class Plan:
   batch: int  # B rows
   prompt: int  # P prompt columns (prompts are left-padded to it)
   new: int  # N new-token columns
-  slots: int  # S cache slots (P + N, or the sliding window)
+  slots: int  # S cache slots (V + P + N, or the sliding window of a uniform model)
   chunk: int  # decode steps between checks of "every row stopped"
   eos: int  # E eos-id slots
   mode: select.Mode
   virtual: int = 0  # V prompt-tuning tokens in front of every prompt (cache columns)
+  local_slots: int = 0  # a mixed-window model's sliding layers' ring (0: none; cache.py)
   fuse: bool = True  # decode with q|k|v and gate|up fused (models/fused.py)
 
 
@@ -98,9 +100,14 @@ def make_plan(cfg: config_lib.ModelConfig, rows: list[Row], *, top_k: int = 0,
                      min_p=any(r.min_p > 0.0 for r in rows))
   if not mode.sample:
     mode = select.Mode()
+  total = virtual + prompt + new
+  # No ring with prompt tuning: the padding between the virtual tokens and the prompt
+  # would push in-window virtual tokens out of the last W columns.
+  ring = not virtual
   return Plan(batch=batch, prompt=prompt, new=new,
-              slots=cache.slots(cfg, virtual + prompt + new), chunk=min(chunk, new),
-              eos=bucket(num_eos), mode=mode, virtual=virtual)
+              slots=cache.slots(cfg, total) if ring else total,
+              local_slots=cache.local_slots(cfg, total) if ring else 0,
+              chunk=min(chunk, new), eos=bucket(num_eos), mode=mode, virtual=virtual)
 
 
 def _spec(mesh, axes, shape):
@@ -149,16 +156,16 @@ def _pick(plan: Plan, logits, state: dict, step):
 def _prefill(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, inp: dict) -> dict:
   TRACES["prefill"] += 1
   log.info("sampling: compiling prefill for %d rows x %d prompt columns, %d new-token "
-           "columns, %d cache slots, %s", plan.batch, plan.prompt, plan.new, plan.slots,
-           plan.mode)
+           "columns, %d cache slots%s, %s", plan.batch, plan.prompt, plan.new, plan.slots,
+           _ring_note(plan), plan.mode)
   constrain = sharding.constrainer(mesh)
   b, p = plan.batch, plan.prompt
   cols = jnp.arange(p, dtype=jnp.int32)[None] - (p - inp["lengths"][:, None])  # [B, P]
-  kv = cache.init(cfg, b, plan.slots, decoder.DTYPES[cfg.dtype])
+  kv = cache.init(cfg, b, plan.slots, decoder.DTYPES[cfg.dtype], plan.local_slots)
   v = plan.virtual  # prompt tuning: V virtual tokens at positions 0..V-1, the prompt after
   full = jnp.concatenate([jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v)),
                           jnp.where(cols >= 0, cols + v, -1)], axis=1)  # [B, V + P]
-  kv = dataclasses.replace(kv, pos=cache.prefill_positions(full, plan.slots))
+  kv = cache.set_prefill_positions(kv, full)
   kv = cache.constrain(kv, cfg, constrain)
   h, kv = decoder.cached_hidden_states(
       cfg, params, inp["tokens"], kv, positions=jnp.maximum(cols, 0),
@@ -174,6 +181,10 @@ def _prefill(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, inp: d
   return state
 
 
+def _ring_note(plan: Plan) -> str:
+  return f" ({plan.local_slots} in sliding layers)" if plan.local_slots else ""
+
+
 def _is_eos(tok, eos):
   return jnp.any(tok[:, None] == eos[None, :], axis=-1)
 
@@ -183,10 +194,10 @@ def _step(cfg: config_lib.ModelConfig, plan: Plan, constrain, params: dict, s: d
   t = s["step"]
   prev = jax.lax.dynamic_index_in_dim(s["tokens"], t - 1, axis=1, keepdims=False)  # [B]
   qpos = s["lengths"] + plan.virtual + t - 1  # [B]
-  slot = (plan.virtual + plan.prompt + t - 1) % plan.slots
-  kv = cache.write_positions(s["kv"], slot, qpos)
+  column = plan.virtual + plan.prompt + t - 1  # each cache group's slot: column mod its S
+  kv = cache.write_positions(s["kv"], column, qpos)
   h, kv = decoder.cached_hidden_states(cfg, params, prev[:, None], kv, positions=qpos[:, None],
-                                       slot=slot, prefill=False, constrain=constrain)
+                                       column=column, prefill=False, constrain=constrain)
   logits = _logits(cfg, params, h)  # [B, V]
   tok, lp = _pick(plan, logits, s, t)
   zero = jnp.zeros((), jnp.int32)
@@ -211,8 +222,9 @@ def _decode(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, state: 
   # weights. Not over a 'tensor' axis, whose shards of the parts would not line up.
   fuse = (plan.fuse and _fusable(cfg)
           and (mesh is None or dict(mesh.shape).get(sharding.RULES["mlp"], 1) == 1))
-  log.info("sampling: compiling decode for %d rows, %d cache slots, %d steps per check%s",
-           plan.batch, plan.slots, plan.chunk, ", fused projections" if fuse else "")
+  log.info("sampling: compiling decode for %d rows, %d cache slots%s, %d steps per check%s",
+           plan.batch, plan.slots, _ring_note(plan), plan.chunk,
+           ", fused projections" if fuse else "")
   constrain = sharding.constrainer(mesh)
   if not cfg.scan_layers:  # slice each layer's weights once, not once per token
     per_layer = decoder.split_layers(cfg, params["layers"])
