@@ -37,8 +37,10 @@ def chat_file(directory: str, copies: int = CHAT_COPIES) -> str:
   path = os.path.join(directory, f"chat_x{copies}.jsonl")
   with open(tokenizer_lib.sample_path("chat")) as f:
     text = f.read()
-  with open(path, "w") as f:
+  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
+  with os.fdopen(fd, "w") as f:  # whole or not at all: concurrent benches share the name
     f.write(text * copies)
+  os.replace(tmp, path)
   return path
 
 
@@ -67,7 +69,7 @@ def host_batches(spec: dict, vocab: int):
   tok = data_lib.load_tokenizer("")
   if len(tok) > vocab:
     raise ValueError(f"bundled tokenizer has {len(tok)} tokens, model vocab {vocab}")
-  path = chat_file(tempfile.mkdtemp(prefix="bench_chat_"), spec.get("copies", CHAT_COPIES))
+  path = chat_file(tempfile.gettempdir(), spec.get("copies", CHAT_COPIES))  # rewritten each time
   ds = data_lib.build(data_config(spec, path), tok, kind="sft")
   return iter(ds.train)
 

@@ -62,19 +62,64 @@ def test_blocked_matmul_with_gathers_equals_ragged_dot_and_its_gradients():
 
 
 def test_kernel_choice_off_hopper():
-  """Off a Hopper GPU: 'auto' keeps the portable kernels, a forced 'mgpu' is refused with the
-  setting named, and the tile check refuses a LoRA factor's rank."""
+  """Off a Hopper GPU: 'auto' keeps the portable kernels, a forced 'mgpu' (a config saved on
+  a Hopper GPU) runs the blocked matmul, and the tile check refuses a LoRA factor's rank."""
   if grouped_gemm.available():
     pytest.skip("a Hopper GPU is present")
   assert moe.resolve_impl("auto") == ("blocked" if jax.default_backend() == "gpu" else "ragged")
-  with pytest.raises(config_lib.ConfigError, match="model.moe_impl='mgpu'"):
-    moe.resolve_impl("mgpu")
+  assert moe.resolve_impl("mgpu") == "blocked"
   x = jnp.zeros((32, 2048), jnp.bfloat16)
   assert grouped_gemm.fits(x, jnp.zeros((8, 2048, 1536), jnp.bfloat16))  # Qwen3 gate|up
   assert grouped_gemm.fits(jnp.zeros((32, 768), jnp.bfloat16),
                            jnp.zeros((8, 768, 2048), jnp.bfloat16))  # Qwen3 down
   assert not grouped_gemm.fits(x, jnp.zeros((8, 2048, 16), jnp.bfloat16))  # LoRA A (rank 16)
   assert not grouped_gemm.fits(x.astype(jnp.float32), jnp.zeros((8, 2048, 1536)))  # fp32
+
+
+def test_mgpu_routing_and_vjp_with_stand_in_kernels(monkeypatch):
+  """moe.mlp with moe_impl='mgpu', the Mosaic kernels replaced by lax.ragged_dot stand-ins
+  (the custom VJP, `fits` and the routing are this code's): values and gradients equal the
+  blocked matmul's; the weight-gradient kernel runs for trained experts only (frozen under
+  LoRA), and a LoRA factor's rank-16 products take the blocked matmul."""
+  calls = {"fwd": 0, "dx": 0, "dw": 0}
+
+  def fwd(x, w, gs, transpose_rhs=False, cfg=None):
+    calls["dx" if transpose_rhs else "fwd"] += 1
+    return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose_rhs else w, gs)
+
+  def dw(x, dy, gs, cfg=None):
+    calls["dw"] += 1
+    return jax.grad(lambda w: jnp.sum(jax.lax.ragged_dot(x, w, gs).astype(jnp.float32) *
+                                      dy.astype(jnp.float32)))(
+        jnp.zeros((gs.shape[0], x.shape[1], dy.shape[1]), x.dtype))
+
+  monkeypatch.setattr(grouped_gemm, "_fwd_kernel", fwd)
+  monkeypatch.setattr(grouped_gemm, "_dw_kernel", dw)
+  monkeypatch.setattr(grouped_gemm, "available", lambda: True)
+  import dataclasses
+  cfg = config_lib.ModelConfig(hidden_size=256, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=256, norm_topk_prob=True)
+  ks = jax.random.split(jax.random.key(6), 4)
+  bf = lambda k, s: (jax.random.normal(k, s) / 16).astype(jnp.bfloat16)  # noqa: E731
+  p = {"gate": {"kernel": bf(ks[0], (256, 4))},
+       "experts": {"gate_up_proj": {"kernel": bf(ks[1], (4, 256, 512))},
+                   "down_proj": {"kernel": bf(ks[2], (4, 256, 256))}}}
+  h = bf(ks[3], (2, 8, 256))
+
+  def loss(impl):
+    c = dataclasses.replace(cfg, moe_impl=impl)
+    return lambda h, p: jnp.sum(moe.mlp(c, h, p)[0].astype(jnp.float32) ** 2)
+
+  (lm, gm), (lb, gb) = [jax.value_and_grad(loss(i), argnums=(0, 1))(h, p)
+                        for i in ("mgpu", "blocked")]
+  assert calls == {"fwd": 2, "dx": 2, "dw": 2}
+  np.testing.assert_allclose(lm, lb, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(gm), jax.tree.leaves(gb)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.max(np.abs(a - b)) <= 3e-2 * np.max(np.abs(b)) + 1e-6
+  calls.update(fwd=0, dx=0, dw=0)  # frozen experts: no weight gradient
+  jax.grad(loss("mgpu"))(h, p)
+  assert calls == {"fwd": 2, "dx": 2, "dw": 0}
 
 
 @pytest.mark.skipif(not grouped_gemm.available(), reason="needs one Hopper GPU "

@@ -168,7 +168,7 @@ def unpacked(segment_ids: jax.Array) -> jax.Array:
 # Runs per row (a padding run counts) that cuDNN's packed layout is compiled for; rows with
 # more take the Pallas kernel. Its cost grows with the bound, about 0.028 ms per slot of
 # forward + backward at 8 x 2048 tokens on an H200 (docs/BENCHMARKS.md), so the steps are
-# fine: chat data packed at 2048 tokens holds ~30-45 runs a row.
+# fine: the bench's chat rows packed at 2048 tokens hold 34-39 runs.
 PACKED_RUNS = (16, 24, 32, 40, 48, 64)
 
 

@@ -20,6 +20,7 @@ matmul (these kernels are not partitioned by XLA).
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +34,22 @@ DW = dict(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4, grid_bloc
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-  """True on one local Hopper-or-newer NVIDIA GPU whose jax ships the kernels."""
+  """True when the process sees one device, a Hopper (sm_90) GPU, and its jax ships the
+  kernels with the arguments used here."""
   if jax.default_backend() != "gpu" or jax.device_count() != 1:
     return False
   try:
     major = int(str(getattr(jax.devices()[0], "compute_capability", "0")).split(".")[0])
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # noqa: F401
-    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # noqa: F401
-  except (ImportError, ValueError, AttributeError):
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+    need = set(FWD) | {"group_sizes", "transpose_rhs"}
+    if not (need <= set(inspect.signature(ragged_dot_mgpu.ragged_dot).parameters) and
+            set(DW) | {"group_sizes"} <= set(inspect.signature(
+                transposed_ragged_dot_mgpu.transposed_ragged_dot).parameters)):
+      return False
+  except (ImportError, ValueError, AttributeError, TypeError):
     return False
-  return major >= 9
+  return major == 9
 
 
 def fits(x: jax.Array, w: jax.Array, fwd: dict = FWD, dw: dict = DW) -> bool:

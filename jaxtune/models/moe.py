@@ -27,8 +27,11 @@ Each layer returns the three sums it needs (`stats`), and `aux_loss` combines th
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from jaxtune import config as config_lib
 from jaxtune import quant
@@ -296,19 +299,26 @@ def mlp(cfg: config_lib.ModelConfig, h: jax.Array, p: dict, *,
 
 
 def resolve_impl(impl: str) -> str:
-  """model.moe_impl=auto: 'mgpu' on one Hopper GPU (`grouped_gemm.available`), 'blocked' on
-  other GPUs, where XLA's ragged_dot ran 10x slower on an H200 (Qwen3-30B-A3B shape, LoRA:
-  1.4k against 13.8k tokens/s, docs/BENCHMARKS.md), else 'ragged' (a native grouped matmul
-  on TPU; on CPU both are exact). A forced 'mgpu' where the kernels are unavailable raises."""
+  """model.moe_impl=auto: 'mgpu' where `grouped_gemm.available()` (one Hopper GPU),
+  'blocked' on other GPUs, where XLA's ragged_dot ran 10x slower on an H200 (Qwen3-30B-A3B
+  shape, LoRA: 1.4k against 13.8k tokens/s, docs/BENCHMARKS.md), else 'ragged' (a native
+  grouped matmul on TPU; on CPU both are exact). A forced 'mgpu' where the kernels are not
+  available (a config saved on a Hopper GPU, reused elsewhere) runs 'blocked', the same
+  function, with a warning."""
   if impl == "mgpu" and not grouped_gemm.available():
-    raise config_lib.ConfigError(
-        "model.moe_impl='mgpu' needs one local Hopper (sm_90) or newer GPU and jax's Mosaic "
-        "GPU ragged-dot kernels (a multi-device run uses 'blocked'); use 'auto'")
+    _warn_once("model.moe_impl='mgpu' needs a process that sees one Hopper (sm_90) GPU and "
+               "jax's Mosaic GPU ragged-dot kernels; running moe_impl='blocked' instead")
+    return "blocked"
   if impl != "auto":
     return impl
   if grouped_gemm.available():
     return "mgpu"
   return "blocked" if jax.default_backend() == "gpu" else "ragged"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.warning(message)
 
 
 def aux_loss(cfg: config_lib.ModelConfig, stats: dict) -> jax.Array:
