@@ -56,8 +56,10 @@ def hf_to_checkpoint(src: str, out: str) -> str:
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=tok_dir))
   state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": {},
            "rng": jax.random.PRNGKey(0)}
+  # An absolute source: an export finds a multimodal wrapper's vision tensors through it.
+  source = os.path.abspath(src) if os.path.exists(src) and not storage.is_remote(src) else src
   meta = {"config": config_lib.to_dict(cfg), "model_config": config_lib.to_dict(model_cfg),
-          "source": src}
+          "source": source}
   ckpt = checkpoint_lib.Checkpointer(out, keep=1, async_save=False)
   ckpt.save(0, state, {}, meta)
   ckpt.close()
@@ -87,6 +89,8 @@ def checkpoint_to_hf(path: str, out: str, *, step: int | None = None, merge_lora
     raise ValueError(f"{path}: a {cfg.peft.method} checkpoint; pass --peft (adapter) and/or "
                      "--merge_lora (full model)")
   model_cfg = config_lib.from_dict(config_lib.ModelConfig, meta["model_config"])
+  if not model_cfg.hf_path and meta.get("source"):  # an imported checkpoint: its HF source,
+    model_cfg = dataclasses.replace(model_cfg, hf_path=meta["source"])  # for a wrapper export
   params = adapters = None
   if is_peft:  # the run's base, loaded as the run loaded it, and its trained adapters
     w = weights.load(path, step=step, base=model_cfg)

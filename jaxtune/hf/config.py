@@ -2,7 +2,9 @@
 
 The mapping itself lives with each family (`Family.from_hf` / `Family.to_hf`); this module
 is the one entry point the loaders and exporters call, dispatching on config.json's
-`model_type` when reading and on `ModelConfig.family` when writing.
+`model_type` when reading and on `ModelConfig.family` when writing. A multimodal wrapper's
+config.json (Gemma 3's model_type "gemma3") reads as its language model's
+(`multimodal.text_config`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from jaxtune import config as config_lib
+from jaxtune.hf import multimodal
 from jaxtune.models import families
 
 # {family: causal-LM architecture}, derived from the family table.
@@ -19,6 +22,7 @@ ARCHITECTURES = {name: f.architecture for name, f in families.FAMILIES.items()}
 def from_hf(d: dict[str, Any], base: config_lib.ModelConfig | None = None,
             source: str = "config.json") -> config_lib.ModelConfig:
   """ModelConfig from an HF config dict; compute options are kept from `base`."""
+  d = multimodal.text_config(d, source)  # a multimodal wrapper: its language model's
   family = families.for_model_type(d.get("model_type"), source)
   return family.from_hf(d, base or config_lib.ModelConfig(), source)
 

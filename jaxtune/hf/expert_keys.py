@@ -11,7 +11,9 @@ and fuses gate and up on the output axis, as transformers 5 does in memory:
     model.layers.{i}.mlp.experts.{e}.down_proj.weight [D, F] -> .../down_proj/kernel [Lm, E, F, D]
 
 (names per family: `families.base.ExpertKeys`). `to_hf` is the exact inverse of
-`to_params`, so import followed by export is bit-identical.
+`to_params`, so import followed by export is bit-identical. Checkpoints that store a layer's
+experts fused (transformers 5's in-memory `experts.gate_up_proj` / `experts.down_proj`) are
+read through `hf/fused_experts.py`, which shows them as these per-expert keys.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ DOWN = "layers/mlp/experts/down_proj/kernel"
 PATHS = (ROUTER, GATE_UP, DOWN)
 
 
-def _keys(cfg: config_lib.ModelConfig, i: int):
+def layer_keys(cfg: config_lib.ModelConfig, i: int):
   """(router key, [(gate, up, down) keys per expert]) of HF layer i."""
   ek = families.get(cfg.family).experts
   pre = ek.prefix.format(i=i)
@@ -46,7 +48,7 @@ def hf_shapes(cfg: config_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   d, e, f = cfg.hidden_size, cfg.num_experts, moe.expert_width(cfg)
   out = {}
   for i in moe.moe_layers(cfg):
-    router, per = _keys(cfg, i)
+    router, per = layer_keys(cfg, i)
     out[router] = (e, d)
     for g, u, dn in per:
       out[g], out[u], out[dn] = (f, d), (f, d), (d, f)
@@ -59,7 +61,7 @@ def to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray],
   if not moe.is_moe(cfg):
     return
   wanted = set(PATHS if paths is None else paths)
-  layers = [_keys(cfg, i) for i in moe.moe_layers(cfg)]
+  layers = [layer_keys(cfg, i) for i in moe.moe_layers(cfg)]
   if ROUTER in wanted:
     yield ROUTER, np.stack([get(router).T for router, _ in layers])
   if GATE_UP in wanted:
@@ -76,7 +78,7 @@ def to_hf(cfg: config_lib.ModelConfig, flat: dict[str, np.ndarray]) -> dict[str,
   f = moe.expert_width(cfg)
   out = {}
   for j, i in enumerate(moe.moe_layers(cfg)):
-    router, per = _keys(cfg, i)
+    router, per = layer_keys(cfg, i)
     out[router] = np.ascontiguousarray(flat[ROUTER][j].T)
     for e, (g, u, dn) in enumerate(per):
       gu = flat[GATE_UP][j, e]  # [D, 2F]

@@ -8,11 +8,18 @@ model is never held twice. `save_hf` writes config.json, generation_config.json,
 (`save_tokenizer`: loadable by every transformers version pyproject allows). A directory
 with pickled weights only is refused with the command that converts it safely; a missing
 local path says "no such directory" instead of trying the hub.
+
+`tensor_view` shows a checkpoint's tensors under the names of the family's key table: the
+language model of a multimodal wrapper (`Gemma3ForConditionalGeneration`, `multimodal`)
+and MoE experts stored fused per layer (`fused_experts`) read like their plain layouts. A
+model whose source was such a wrapper exports as the wrapper (`multimodal_export`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import tempfile
 from typing import Any, Callable
@@ -21,15 +28,19 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from jaxtune import config as config_lib
 from jaxtune import storage
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
+from jaxtune.hf import files
+from jaxtune.hf import fused_experts
 from jaxtune.hf import gguf as hf_gguf
 from jaxtune.hf import keys
+from jaxtune.hf import multimodal
+from jaxtune.hf import multimodal_export
+
+_log = logging.getLogger("jaxtune")
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja", "*.txt"]
 
@@ -69,36 +80,30 @@ def read_config(model_dir: str, base: config_lib.ModelConfig | None = None):
     return hf_config.from_hf(json.load(f), base, source=path)
 
 
-class Tensors:
-  """Lazy access to the tensors of one or many safetensors files in a directory."""
+# The safetensors file layer lives in `files`; these names stay importable from here.
+Tensors = files.Tensors
+save_safetensors = files.save_safetensors
+convert_command = files.convert_command
 
-  def __init__(self, model_dir: str):
-    index = os.path.join(model_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
-    else:
-      files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-      if not files:
-        others = [f for f in os.listdir(model_dir) if f.endswith((".bin", ".pt", ".pth"))]
-        raise ValueError(f"{model_dir}: no *.safetensors weights"
-                         + (f" (found {', '.join(sorted(others))}: pickled weights are never "
-                            "loaded, since unpickling runs code; in an environment you trust, "
-                            f"convert them with: {convert_command(model_dir)})"
-                            if others else ""))
-    self._handles = {}
-    self.shapes: dict[str, tuple[int, ...]] = {}
-    self._where: dict[str, str] = {}
-    for name in files:
-      h = safetensors.safe_open(os.path.join(model_dir, name), framework="np")
-      self._handles[name] = h
-      for k in h.keys():
-        self._where[k] = name
-        self.shapes[k] = tuple(h.get_slice(k).get_shape())
 
-  def get(self, key: str) -> np.ndarray:
-    return self._handles[self._where[key]].get_tensor(key)
+def wrapper_of(model_dir: str) -> multimodal.Wrapper | None:
+  """The multimodal wrapper (Gemma3ForConditionalGeneration) an HF directory holds, or None."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return multimodal.get(json.load(f).get("model_type"))
+
+
+def tensor_view(cfg: config_lib.ModelConfig, model_dir: str, tensors: files.Tensors):
+  """(shapes, get) of a checkpoint's tensors as the family's key table names them: a
+  multimodal wrapper's language model (`multimodal`), MoE experts stored fused
+  (`fused_experts`) shown per expert; the tensors themselves otherwise."""
+  shapes, get = tensors.shapes, tensors.get
+  w = wrapper_of(model_dir)
+  if w is not None:
+    shapes, get = multimodal.text_view(w, shapes, get, model_dir, tensors.file_of)
+  return fused_experts.view(cfg, shapes, get, source=model_dir, file_of=tensors.file_of)
 
 
 def load_hf(path_or_id: str, dtype=jnp.float32, *,
@@ -114,13 +119,16 @@ def load_hf(path_or_id: str, dtype=jnp.float32, *,
   if hf_gguf.is_gguf(model_dir):  # a .gguf file or a dir holding one: dequantized on the host
     return hf_gguf.load(model_dir, dtype, base=base, place=place)
   cfg = read_config(model_dir, base)
-  tensors = Tensors(model_dir)
-  keys.check_keys(cfg, tensors.shapes, model_dir)
+  shapes, get = tensor_view(cfg, model_dir, Tensors(model_dir))
+  keys.check_keys(cfg, shapes, model_dir)
   np_dtype = np.dtype(jnp.dtype(dtype))
   place = place or (lambda _, x: jnp.asarray(x))
   flat = {}
-  for path, host in keys.to_params(cfg, tensors.get):
+  for path, host in keys.to_params(cfg, get):
     flat[path] = place(path, host.astype(np_dtype))
+  if not cfg.hf_path and wrapper_of(model_dir) is not None:  # save_hf finds the wrapper here
+    local = os.path.isdir(path_or_id) and not storage.is_remote(path_or_id)
+    cfg = dataclasses.replace(cfg, hf_path=os.path.abspath(path_or_id) if local else path_or_id)
   return cfg, tree.unflatten(flat)
 
 
@@ -132,50 +140,89 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def save_safetensors(tensors: dict[str, np.ndarray], out_dir: str, *,
-                     max_shard_bytes: int = 5 * 2**30, metadata: dict | None = None) -> list[str]:
-  """Writes model.safetensors, or model-0000k-of-0000n.safetensors + index when large."""
-  os.makedirs(out_dir, exist_ok=True)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for k in sorted(tensors):
-    n = tensors[k].nbytes
-    if shards[-1] and size + n > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][k] = tensors[k]
-    size += n
-  meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
-  if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], os.path.join(out_dir, "model.safetensors"), meta)
-    return ["model.safetensors"]
-  names, weight_map = [], {}
-  for j, shard in enumerate(shards):
-    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file(shard, os.path.join(out_dir, name), meta)
-    names.append(name)
-    weight_map.update({k: name for k in shard})
-  index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
-           "weight_map": weight_map}
-  with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-    json.dump(index, f, indent=2)
-  return names
+def _config_json(spec: str) -> dict:
+  """config.json of an HF directory, bucket URL or hub id ({} if it has none); a hub id
+  reads that file alone, from the local hub cache when it is there."""
+  if storage.is_remote(spec) or os.path.isdir(spec):
+    path = os.path.join(resolve(spec), "config.json")
+  else:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top  (hub ids only)
+    path = huggingface_hub.try_to_load_from_cache(spec, "config.json")
+    if not isinstance(path, str):
+      path = huggingface_hub.hf_hub_download(spec, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def source_config(spec: str) -> tuple[str, dict] | None:
+  """(HF source, its config.json dict) of the checkpoint a model came from: `spec` itself
+  for an HF directory, hub id or bucket URL; a jaxtune run or checkpoint is followed to the
+  source it was imported (`convert`) or trained from. None: random init or GGUF."""
+  from jaxtune import checkpoint  # pylint: disable=g-import-not-at-top  (runs only)
+  for _ in range(8):  # a run of a run of an imported checkpoint ...: a few hops at most
+    if not spec or hf_gguf.is_gguf(spec):
+      return None
+    if checkpoint.locate(spec) is None:
+      return spec, _config_json(spec)
+    meta = checkpoint.read_meta(spec)
+    spec = (meta.get("source") or (meta.get("model_config") or {}).get("hf_path")
+            or ((meta.get("config") or {}).get("model") or {}).get("hf_path") or "")
+  return None
+
+
+def wrapper_source(spec: str, family: str | None = None
+                   ) -> tuple[multimodal.Wrapper, str] | None:
+  """(wrapper, HF source) when the checkpoint `spec` came from (`source_config`) is a
+  multimodal wrapper (of a `family` language model, if given); else None."""
+  if family is not None and not multimodal.wraps(family):
+    return None
+  found = source_config(spec)
+  if found is None:
+    return None
+  w = multimodal.get(found[1].get("model_type"))
+  if w is None or (family is not None and w.family != family):
+    return None
+  return w, found[0]
+
+
+def _write_wrapper(cfg: config_lib.ModelConfig, flat: dict, out_dir: str, source: str | None,
+                   **kw) -> bool:
+  """Writes `cfg`'s source wrapper (`multimodal_export`) when it came from one; False when it
+  did not or the source cannot be read or used (then the text model alone is written)."""
+  if not multimodal.wraps(cfg.family):
+    return False
+  spec = cfg.hf_path if source is None else source
+  text_arch = hf_config.ARCHITECTURES[cfg.family]
+  try:
+    found = wrapper_source(spec, cfg.family)
+    model_dir = resolve(found[1]) if found is not None else ""
+  except (OSError, ValueError, KeyError) as e:
+    _log.warning("%s: cannot read the model's source %r to tell whether it was multimodal "
+                 "(%s: %s); exporting the text model alone (%s)", out_dir, spec,
+                 type(e).__name__, e, text_arch)
+    return False
+  return bool(model_dir) and multimodal_export.write(cfg, flat, out_dir, model_dir, **kw)
 
 
 def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=None, *,
             dtype: str | None = None, max_shard_bytes: int = 5 * 2**30,
-            metadata: dict | None = None) -> str:
+            metadata: dict | None = None, source: str | None = None) -> str:
   """Writes an HF model directory that `transformers.AutoModelForCausalLM` loads.
 
   dtype: 'float32' | 'bfloat16' | 'float16' (default: cfg.param_dtype). Quantised leaves
   must be dequantised (or merged) before export. Only process 0 writes; all processes
   must call it (gathering sharded params is collective). `out_dir` may be a bucket URL
-  (written locally, then uploaded).
+  (written locally, then uploaded). A model whose source (`source`, default cfg.hf_path,
+  followed through jaxtune runs) is a multimodal wrapper (Gemma3ForConditionalGeneration)
+  is written as that wrapper, its vision tensors copied from the source
+  (`multimodal_export`); if the source cannot be used, as the text model, with a warning.
   """
   if storage.is_remote(out_dir):
     with tempfile.TemporaryDirectory() as tmp:
       save_hf(cfg, params, tmp, tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes,
-              metadata=metadata)
+              metadata=metadata, source=source)
       if jax.process_index() == 0:
         storage.upload(tmp, out_dir)
     return out_dir
@@ -189,6 +236,18 @@ def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=N
   if jax.process_index() != 0:
     return out_dir
   os.makedirs(out_dir, exist_ok=True)
+  if not _write_wrapper(cfg, flat, out_dir, source, dtype=dtype, metadata=metadata,
+                        max_shard_bytes=max_shard_bytes):
+    _write_text_model(cfg, flat, out_dir, dtype=dtype, metadata=metadata,
+                      max_shard_bytes=max_shard_bytes)
+  if tokenizer is not None:
+    save_tokenizer(tokenizer, out_dir)
+  return out_dir
+
+
+def _write_text_model(cfg: config_lib.ModelConfig, flat: dict, out_dir: str, *, dtype: str,
+                      metadata: dict | None, max_shard_bytes: int) -> None:
+  """The family's *ForCausalLM: safetensors, config.json, generation_config.json."""
   save_safetensors(keys.to_hf(cfg, flat), out_dir, max_shard_bytes=max_shard_bytes,
                    metadata=metadata)
   hf = hf_config.to_hf(cfg, dtype=dtype)
@@ -199,18 +258,6 @@ def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=N
   gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
     json.dump(gen, f, indent=2)
-  if tokenizer is not None:
-    save_tokenizer(tokenizer, out_dir)
-  return out_dir
-
-
-def convert_command(model_dir: str) -> str:
-  """A shell command that rewrites a pickled HF model dir as safetensors (run it only in an
-  environment that trusts the pickles: loading them runs code)."""
-  out = model_dir.rstrip("/") + "-safetensors"
-  return (f"python -c \"import transformers as t; d, o = {model_dir!r}, {out!r}; "
-          "t.AutoModelForCausalLM.from_pretrained(d).save_pretrained(o, safe_serialization=True)"
-          "; t.AutoTokenizer.from_pretrained(d).save_pretrained(o)\"")
 
 
 # transformers 5 writes its own backend class names, which 4.x does not have; these load as

@@ -283,7 +283,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: DoraAdapters, out_dir: str,
     stem = peft_io.PREFIX + templates[module]
     for i in range(cfg.num_layers):
       tensors[stem.format(i=i) + ".lora_magnitude_vector"] = np.ascontiguousarray(m[i])
-  return peft_io.write_adapter(out_dir, tensors, dict(pc, use_dora=True))
+  return peft_io.write_adapter(out_dir, tensors, dict(pc, use_dora=True), family=cfg.family)
 
 
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,

@@ -208,7 +208,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: Ia3Adapters, out_dir: str, 
         "feedforward_modules": sorted(ff_names), "fan_in_fan_out": False,
         "init_ia3_weights": True, "inference_mode": True, "modules_to_save": None,
         "revision": None, "base_model_name_or_path": base_model_name_or_path or None}
-  return peft_io.write_adapter(out_dir, tensors, pc)
+  return peft_io.write_adapter(out_dir, tensors, pc, family=cfg.family)
 
 
 def _matches(spec, key: str) -> bool:

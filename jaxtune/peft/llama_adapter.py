@@ -121,7 +121,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: LlamaAdapterAdapters, out_d
   pc = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "target_modules": "self_attn",
         "adapter_len": int(prompt.shape[1]), "adapter_layers": int(top), "inference_mode": True,
         "revision": None, "base_model_name_or_path": base_model_name_or_path or None}
-  return peft_io.write_adapter(out_dir, tensors, pc)
+  return peft_io.write_adapter(out_dir, tensors, pc, family=cfg.family)
 
 
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,

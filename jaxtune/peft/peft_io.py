@@ -33,18 +33,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from jaxtune import config as config_lib
 from jaxtune import tree
 from jaxtune.hf import io
 from jaxtune.hf import keys
+from jaxtune.hf import multimodal
 from jaxtune.models import decoder
 from jaxtune.models import moe
 from jaxtune.peft import adapters as adapters_lib
 from jaxtune.peft import expert_io
 from jaxtune.peft import fused_io
+from jaxtune.peft import wrapper_names
 
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 CONFIG_FILE = "adapter_config.json"
@@ -88,7 +89,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, out_
   """
   tensors, peft_config = lora_files(cfg, adapters, base_model_name_or_path=base_model_name_or_path,
                                     dtype=dtype)
-  return write_adapter(out_dir, tensors, peft_config)
+  return write_adapter(out_dir, tensors, peft_config, family=cfg.family)
 
 
 def host(x: Any, dtype: str | None = None) -> np.ndarray:
@@ -157,10 +158,17 @@ def lora_files(cfg: config_lib.ModelConfig, adapters: adapters_lib.Adapters, *,
   return tensors, peft_config
 
 
-def write_adapter(out_dir: str, tensors: dict[str, np.ndarray], peft_config: dict) -> str:
-  """Writes adapter_model.safetensors + adapter_config.json on process 0; returns out_dir."""
+def write_adapter(out_dir: str, tensors: dict[str, np.ndarray], peft_config: dict, *,
+                  family: str | None = None) -> str:
+  """Writes adapter_model.safetensors + adapter_config.json on process 0; returns out_dir.
+
+  Module names follow the base model (`base_model_name_or_path`): a multimodal wrapper's
+  language model is named as `peft` names it in the wrapper (`wrapper_names.for_base`). The
+  base's config.json is read only for a `family` some wrapper holds (None: always)."""
   if jax.process_index() != 0:
     return out_dir
+  if family is None or multimodal.wraps(family):
+    tensors, peft_config = wrapper_names.for_base(tensors, peft_config)
   os.makedirs(out_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE),
                               metadata={"format": "pt"})
@@ -253,7 +261,7 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
   patterns = {module: re.compile(re.escape(PREFIX + template).replace(re.escape("{i}"), r"(\d+)")
                                  + rf"\.({alt})")
               for module, template in templates.items()}
-  handle = safetensors.safe_open(wpath, framework="np")
+  handle = wrapper_names.AdapterFile(wpath, cfg)  # a wrapper's names read as the text model's
   found: dict[str, dict[tuple[int, str], str]] = {}
   unknown = {}
   for name in handle.keys():
@@ -312,7 +320,7 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
   if experts and dora:
     raise ValueError(f"{source}: DoRA on MoE experts (target_parameters) is not supported")
   skip = frozenset(expert_io.names(cfg, experts, PREFIX))
-  with safetensors.safe_open(wpath, framework="np") as handle:
+  with wrapper_names.AdapterFile(wpath, cfg) as handle:
     fused_names = fused_io.names(cfg, handle.keys(), PREFIX)
   if fused_names and dora:
     raise ValueError(f"{source}: DoRA on fused projections ({', '.join(fused_io.FUSED_NAMES)}) "
@@ -331,10 +339,10 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
     if dora:
       out[module]["m"] = t["lora_magnitude_vector"]  # [L, out]
   if fused_names:
-    handle = safetensors.safe_open(wpath, framework="np")
+    handle = wrapper_names.AdapterFile(wpath, cfg)
     out.update(fused_io.read(cfg, handle.get_tensor, fused_names, rank, PREFIX, wpath))
   if experts:
-    handle = safetensors.safe_open(wpath, framework="np")
+    handle = wrapper_names.AdapterFile(wpath, cfg)
     present = set(handle.keys())
     out.update(expert_io.read(cfg, lambda n: handle.get_tensor(n) if n in present else None,
                               experts, rank, PREFIX, wpath))

@@ -125,7 +125,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: PrefixAdapters, out_dir: st
                                 else cfg.kv_size),
         "init_weights": None, "inference_mode": True, "modules_to_save": None,
         "revision": None, "base_model_name_or_path": base_model_name_or_path or None}
-  return peft_io.write_adapter(out_dir, {KEY: np.ascontiguousarray(kv)}, pc)
+  return peft_io.write_adapter(out_dir, {KEY: np.ascontiguousarray(kv)}, pc, family=cfg.family)
 
 
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,

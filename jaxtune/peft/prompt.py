@@ -137,7 +137,7 @@ def save_peft(cfg: config_lib.ModelConfig, adapters: PromptAdapters, out_dir: st
         "tokenizer_name_or_path": adapters.tokenizer or None, "tokenizer_kwargs": None,
         "inference_mode": True, "modules_to_save": None, "revision": None,
         "base_model_name_or_path": base_model_name_or_path or None}
-  return peft_io.write_adapter(out_dir, {KEY: np.ascontiguousarray(emb)}, pc)
+  return peft_io.write_adapter(out_dir, {KEY: np.ascontiguousarray(emb)}, pc, family=cfg.family)
 
 
 def load_peft(cfg: config_lib.ModelConfig, adapter_dir: str, *,
