@@ -245,10 +245,11 @@ class Layer:
 
   k, v: the layer's buffers [B, K, S, Dh], or its group's stacked [L, B, K, S, Dh] with
   `layer` its (traced) index there. pos [B, S]: the group's slot positions including this
-  call's tokens. slot: the slot of this call's token (decode). prefill: static; True writes the P prompt columns
-  (ring-wrapped when P > S) and attends within the prompt; False writes one token and
-  attends over the cache. gapless: static; a row's filled slots are one run (no
-  prompt-tuning prefix before the left padding), which the Pallas decode kernel needs.
+  call's tokens. slot: the slot of this call's token (decode). prefill: static; True
+  writes the P prompt columns (ring-wrapped when P > S) and attends within the prompt;
+  False writes one token and attends over the cache. gapless: static; a row's filled
+  slots are one run (no prompt-tuning prefix before the left padding), which the Pallas
+  decode kernel needs.
   """
   k: Any
   v: Any
