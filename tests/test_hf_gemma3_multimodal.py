@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +177,26 @@ def test_text_only_export_when_asked_or_when_the_source_differs(legacy, tmp_path
   assert "rope_local_theta" in caplog.text and "Gemma3ForCausalLM" in caplog.text
   with open(tmp_path / "other" / "config.json") as f:
     assert json.load(f)["architectures"] == ["Gemma3ForCausalLM"]
+
+
+def test_export_falls_back_to_the_text_model_when_the_source_is_unusable(legacy, tmp_path,
+                                                                         caplog):
+  """The source's weights gone (config.json kept): the export is the text model, with a
+  warning, and nothing of the failed wrapper attempt left in the directory. A source path
+  that no longer exists is not looked up on the hub under its name."""
+  _, d, cfg, params = legacy
+  src = tmp_path / "src"
+  shutil.copytree(d, src)
+  for name in os.listdir(src):
+    if name.endswith(".safetensors"):
+      os.remove(src / name)
+  with caplog.at_level(logging.WARNING, logger="jaxtune"):
+    out = hf_io.save_hf(cfg, params, str(tmp_path / "out"), source=str(src))
+  assert "exporting the text model alone" in caplog.text
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["Gemma3ForCausalLM"]
+  assert not any("vision" in k for k in _tensors(out))
+  assert hf_io.source_config(str(tmp_path / "gone")) == (str(tmp_path / "gone"), {})
 
 
 def test_imported_checkpoint_exports_the_wrapper(legacy, tmp_path):

@@ -13,13 +13,15 @@ with p the family's `ExpertKeys.prefix` (Qwen3-MoE `model.layers.{i}.mlp`, Mixtr
 `model.layers.{i}.mlp` (Mixtral's in-memory name). `view` detects the layout from the keys
 present and shows the tensors as the per-expert keys of `hf/expert_keys.py`, each a slice of
 the fused tensor (so import is bit-identical and the key check is the usual one). Export
-keeps writing one tensor per expert, the Hub's layout. The other orientation some models
-use on disk ([E, D, 2F]) is refused, naming the file, the key and the expected shape: with
-D == 2F it could not be told apart.
+keeps writing one tensor per expert, the Hub's layout. The other orientation ([E, D, 2F],
+[E, F, D]) is refused by its shape, naming the file, the key and the expected shape, except
+where the shapes coincide (D == 2F for gate|up, D == F for down): there the fused layout is
+assumed, with a warning in the log, since no shape can tell them apart.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Callable
 
@@ -69,6 +71,11 @@ def view(cfg: config_lib.ModelConfig, shapes: dict, get: Callable[[str], np.ndar
   if p is None:
     return shapes, get
   e, d, f = cfg.num_experts, cfg.hidden_size, moe.expert_width(cfg)
+  if d in (f, 2 * f):
+    logging.getLogger("jaxtune").warning(
+        "%s: fused MoE experts with hidden %d and expert width %d: a transposed file has the "
+        "same shapes; reading them as transformers' layout ([E, 2F, D], [E, D, F])", source,
+        d, f)
   out = dict(shapes)
   alias: dict[str, tuple[str, int | None, slice | None]] = {}
   for i in moe.moe_layers(cfg):

@@ -143,8 +143,17 @@ def to_host(x) -> np.ndarray:
 def _config_json(spec: str) -> dict:
   """config.json of an HF directory, bucket URL or hub id ({} if it has none); a hub id
   reads that file alone, from the local hub cache when it is there."""
-  if storage.is_remote(spec) or os.path.isdir(spec):
-    path = os.path.join(resolve(spec), "config.json")
+  if storage.is_remote(spec):  # that one object, not the model's weights
+    with tempfile.TemporaryDirectory() as tmp:
+      if "config.json" not in storage.listing(spec):
+        return {}
+      storage.download(spec, tmp, ["config.json"])
+      with open(os.path.join(tmp, "config.json")) as f:
+        return json.load(f)
+  if os.path.isdir(spec):
+    path = os.path.join(spec, "config.json")
+  elif os.path.exists(spec) or not _is_hub_id(spec):
+    return {}  # a file, or a local path that is gone: no hub lookup under its name
   else:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  (hub ids only)
     path = huggingface_hub.try_to_load_from_cache(spec, "config.json")
@@ -154,6 +163,11 @@ def _config_json(spec: str) -> dict:
     return {}
   with open(path) as f:
     return json.load(f)
+
+
+def _is_hub_id(spec: str) -> bool:
+  from jaxtune import paths  # pylint: disable=g-import-not-at-top  (as in resolve)
+  return paths.is_hub_id(spec)
 
 
 def source_config(spec: str) -> tuple[str, dict] | None:
@@ -195,15 +209,18 @@ def _write_wrapper(cfg: config_lib.ModelConfig, flat: dict, out_dir: str, source
     return False
   spec = cfg.hf_path if source is None else source
   text_arch = hf_config.ARCHITECTURES[cfg.family]
+  before = set(os.listdir(out_dir))
   try:
     found = wrapper_source(spec, cfg.family)
     model_dir = resolve(found[1]) if found is not None else ""
+    return bool(model_dir) and multimodal_export.write(cfg, flat, out_dir, model_dir, **kw)
   except (OSError, ValueError, KeyError) as e:
-    _log.warning("%s: cannot read the model's source %r to tell whether it was multimodal "
+    for name in set(os.listdir(out_dir)) - before:  # a half-written wrapper: gone
+      os.remove(os.path.join(out_dir, name))
+    _log.warning("%s: cannot read or use the model's source %r as a multimodal wrapper "
                  "(%s: %s); exporting the text model alone (%s)", out_dir, spec,
                  type(e).__name__, e, text_arch)
     return False
-  return bool(model_dir) and multimodal_export.write(cfg, flat, out_dir, model_dir, **kw)
 
 
 def save_hf(cfg: config_lib.ModelConfig, params: dict, out_dir: str, tokenizer=None, *,

@@ -164,10 +164,10 @@ def write_adapter(out_dir: str, tensors: dict[str, np.ndarray], peft_config: dic
 
   Module names follow the base model (`base_model_name_or_path`): a multimodal wrapper's
   language model is named as `peft` names it in the wrapper (`wrapper_names.for_base`). The
-  base's config.json is read only for a `family` some wrapper holds (None: always)."""
+  base's config.json is read only for a `family` some wrapper holds (None: never)."""
   if jax.process_index() != 0:
     return out_dir
-  if family is None or multimodal.wraps(family):
+  if family is not None and multimodal.wraps(family):
     tensors, peft_config = wrapper_names.for_base(tensors, peft_config)
   os.makedirs(out_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE),
