@@ -66,6 +66,20 @@ def make(family: str, seed: int = 0, **overrides):
   return model.eval()
 
 
+def make_moe(config, seed: int = 0):
+  """A float32 transformers MoE model of `config`: norms near 1 and a router scaled up so
+  that top-k routing is decisive (no near-ties that float noise could flip)."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if pname.endswith("norm.weight"):
+        p.copy_(1.0 + 0.1 * torch.randn_like(p))
+      elif pname.endswith("mlp.gate.weight"):
+        p.copy_(torch.randn_like(p) * 0.5)
+  return model.eval()
+
+
 def logits(model, tokens, attention_mask=None, position_ids=None):
   with torch.no_grad():
     out = model(input_ids=torch.as_tensor(tokens), attention_mask=attention_mask,

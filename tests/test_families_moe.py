@@ -29,6 +29,7 @@ from jaxtune.methods import sft
 from jaxtune.models import decoder
 from jaxtune.models import moe
 from jaxtune.peft import lora
+from tests import hf_models
 from tests import launch_utils
 
 COMMON = dict(vocab_size=101, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
@@ -53,16 +54,7 @@ forward = jax.jit(jaxtune.forward, static_argnums=0)  # one compile per config a
 
 def make(name, seed=0):
   cls, extra = CONFIGS[name]
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra),
-                                                        dtype=torch.float32)
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      elif pname.endswith("mlp.gate.weight"):  # decisive routing: no near-ties in top-k
-        p.copy_(torch.randn_like(p) * 0.5)
-  return model.eval()
+  return hf_models.make_moe(cls(**COMMON, **extra), seed)
 
 
 def tokens(b=2, t=13, seed=0):

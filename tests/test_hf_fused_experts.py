@@ -15,6 +15,7 @@ import transformers
 import jaxtune
 from jaxtune import tree
 from jaxtune.hf import io as hf_io
+from tests import hf_models
 
 COMMON = dict(vocab_size=101, hidden_size=48, num_attention_heads=3, num_key_value_heads=1,
               max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
@@ -32,16 +33,7 @@ CONFIGS = {
 
 def _make(name):
   cls, extra = CONFIGS[name]
-  torch.manual_seed(0)
-  model = transformers.AutoModelForCausalLM.from_config(cls(**COMMON, **extra),
-                                                        dtype=torch.float32)
-  with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      elif pname.endswith("mlp.gate.weight"):  # decisive routing: no near-ties in top-k
-        p.copy_(torch.randn_like(p) * 0.5)
-  return model.eval()
+  return hf_models.make_moe(cls(**COMMON, **extra))
 
 
 def _write_fused(model, d, edit=None):

@@ -52,14 +52,14 @@ def available() -> bool:
   return major == 9
 
 
-def fits(x: jax.Array, w: jax.Array, fwd: dict = FWD, dw: dict = DW) -> bool:
+def fits(x: jax.Array, w: jax.Array) -> bool:
   """Whether x [M, in] @ w [G, in, out] and its gradients fit the kernels' tiling."""
   if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16) or w.ndim != 3:
     return False
   n_in, n_out = w.shape[1:]
-  return (n_in % fwd["block_k"] == 0 and n_out % fwd["block_n"] == 0  # forward
-          and n_out % fwd["block_k"] == 0 and n_in % fwd["block_n"] == 0  # dx
-          and n_in % dw["block_m"] == 0 and n_out % dw["block_n"] == 0)  # dw
+  return (n_in % FWD["block_k"] == 0 and n_out % FWD["block_n"] == 0  # forward
+          and n_out % FWD["block_k"] == 0 and n_in % FWD["block_n"] == 0  # dx
+          and n_in % DW["block_m"] == 0 and n_out % DW["block_n"] == 0)  # dw
 
 
 def _fwd_kernel(x, w, group_sizes, transpose_rhs=False, cfg=None):
