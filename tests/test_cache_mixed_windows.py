@@ -122,7 +122,8 @@ def test_one_group_for_uniform_windows_short_generations_and_prompt_tuning(famil
     assert (plan.slots, plan.local_slots) == (slots, 0), window
     kv = cache.init(uniform, 4, plan.slots, np.float32, plan.local_slots)
     assert kv.local is None and kv.k.shape == (cfg.num_layers, 4, 1, slots, cfg.head_dim)
-  assert cache.local_slots(cfg, W) == 0 and cache.local_slots(cfg, W + 1) == W
+  assert cache.slots(cfg, W) == (W, 0) and cache.slots(cfg, W + 1) == (W + 1, W)
+  assert cache.slots(cfg, W + 1, virtual=2) == (W + 1, 0)  # prompt tuning: no ring
   plan = engine.make_plan(cfg, rows, virtual=4)
   assert (plan.slots, plan.local_slots) == (36, 0)
 

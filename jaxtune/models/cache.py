@@ -73,23 +73,17 @@ class KVCache:
 jax.tree_util.register_dataclass(KVCache)
 
 
-def slots(cfg: config_lib.ModelConfig, total: int) -> int:
-  """Slots to allocate for `total` = prompt columns + new tokens: all of them, or only the
-  window for a sliding-window model whose window is shorter (a ring of W slots). A model
-  with some global layers (Gemma 2/3) keeps every slot for those (`local_slots`: its
-  sliding layers' ring)."""
-  windows = set(cfg.layer_windows)
-  if len(windows) == 1 and cfg.sliding_window and cfg.sliding_window < total:
-    return cfg.sliding_window
-  return total
-
-
-def local_slots(cfg: config_lib.ModelConfig, total: int) -> int:
-  """The ring of the sliding layers of a model with global ones too: W when W < total,
-  else 0 (no separate group: every layer keeps all `total` slots)."""
-  if len(set(cfg.layer_windows)) > 1 and 0 < cfg.sliding_window < total:
-    return cfg.sliding_window
-  return 0
+def slots(cfg: config_lib.ModelConfig, total: int, virtual: int = 0) -> tuple[int, int]:
+  """(S, S_local): cache slots to allocate for `total` columns (prompt-tuning tokens, prompt
+  and new tokens). A ring of the window W where it is shorter than `total`: S = W for a
+  model whose layers all slide over W; S = total and S_local = W (its sliding layers' ring)
+  for a model with some global layers too (Gemma 2/3); else S = total, S_local = 0 (one
+  group). No ring with `virtual` prompt-tuning tokens: the padding between them and the
+  prompt would push in-window virtual tokens out of the last W columns."""
+  w = cfg.sliding_window
+  if virtual or not 0 < w < total:
+    return total, 0
+  return (w, 0) if len(set(cfg.layer_windows)) == 1 else (total, w)
 
 
 def _group(cfg: config_lib.ModelConfig, n: int, batch: int, num_slots: int,

@@ -100,13 +100,8 @@ def make_plan(cfg: config_lib.ModelConfig, rows: list[Row], *, top_k: int = 0,
                      min_p=any(r.min_p > 0.0 for r in rows))
   if not mode.sample:
     mode = select.Mode()
-  total = virtual + prompt + new
-  # No ring with prompt tuning: the padding between the virtual tokens and the prompt
-  # would push in-window virtual tokens out of the last W columns.
-  ring = not virtual
-  return Plan(batch=batch, prompt=prompt, new=new,
-              slots=cache.slots(cfg, total) if ring else total,
-              local_slots=cache.local_slots(cfg, total) if ring else 0,
+  num_slots, local = cache.slots(cfg, virtual + prompt + new, virtual)
+  return Plan(batch=batch, prompt=prompt, new=new, slots=num_slots, local_slots=local,
               chunk=min(chunk, new), eos=bucket(num_eos), mode=mode, virtual=virtual)
 
 
