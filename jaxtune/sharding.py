@@ -34,16 +34,22 @@ RULES: dict[str, Any] = {
     "layers": None,
     "embed": "fsdp",
     "vocab": "tensor",
-    "q_heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
+    # A kernel's heads / MLP width: 'tensor', then 'fsdp' when the kernel's earlier 'embed'
+    # dim did not take it (o_proj [L, Q, D], down_proj [L, F, D]). FSDP thus always splits a
+    # kernel's leading (row) dim, so its all-gather joins whole rows: split on the last dim
+    # (D), XLA first copied the whole stacked weight into a gather-friendly layout, a
+    # loop-invariant 2.25 GiB per GPU for Llama-3-8B's o_proj + down_proj at fsdp=2.
+    "q_heads": ("tensor", "fsdp"),
+    "kv_heads": ("tensor", "fsdp"),
+    "mlp": ("tensor", "fsdp"),
     "head_dim": None,
     "expert": "expert",  # MoE experts [.., E, ..] (models/moe.py)
-    "expert_mlp": "tensor",  # an expert's MLP width
+    "expert_mlp": ("tensor", "fsdp"),  # an expert's MLP width
     "norm": None,
     "rank": None,
     "act_embed": None,
     "act_heads": "tensor",
+    "act_kv_heads": "tensor",  # a KV cache's / decode kernel's kv heads
     "act_mlp": "tensor",
     "act_vocab": "tensor",
 }
@@ -76,7 +82,9 @@ def make_mesh(mesh_cfg: config_lib.MeshConfig, devices=None) -> Mesh:
 
 
 def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-  """PartitionSpec for logical `axes` of an array of `shape`, dropping non-dividing axes."""
+  """PartitionSpec for logical `axes` of an array of `shape`. A mesh axis splits at most one
+  dim (the first whose name takes it); a dim mapped to several axes keeps the longest prefix
+  of them that divides it, and none if none does."""
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match shape {shape}")
   used = set()
@@ -88,8 +96,9 @@ def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     targets = (target,) if isinstance(target, str) else (target or ())
     kept = tuple(t for t in targets
                  if t not in used and mesh.shape.get(t, 1) > 1)
-    size = int(np.prod([mesh.shape[t] for t in kept])) if kept else 1
-    if not kept or dim % size:
+    while kept and dim % int(np.prod([mesh.shape[t] for t in kept])):
+      kept = kept[:-1]
+    if not kept:
       out.append(None)
       continue
     used.update(kept)

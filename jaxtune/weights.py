@@ -34,6 +34,7 @@ import numpy as np
 from jaxtune import checkpoint
 from jaxtune import config as config_lib
 from jaxtune import peft
+from jaxtune import quant as quant_lib
 from jaxtune import sharding
 from jaxtune.hf import io as hf_io
 from jaxtune.models import decoder
@@ -81,7 +82,7 @@ def load(source: str, *, mesh=None, base: config_lib.ModelConfig | None = None,
   if not source:
     w = Weights(*_random(base or config_lib.ModelConfig(), mesh, seed=seed,
                          vocab_size=vocab_size))
-    w.params = _quantize(w.params, quant)
+    w.params = _quantize(w.params, quant, w.model_cfg, mesh)
   elif (run := checkpoint.locate(source)) is not None:  # workdir, checkpoints dir, step dir
     w = _from_run(run[0], mesh, base, step if step is not None else run[1], quant)
   else:  # quantized on the host as it loads
@@ -119,11 +120,16 @@ def _from_hf(source: str, mesh, base, quant: Quant | None):
   return hf_io.load_hf(model_dir, decoder.DTYPES[base.param_dtype], base=base, place=place)
 
 
-def _quantize(params, quant: Quant | None):
+def _quantize(params, quant: Quant | None, model_cfg, mesh):
+  """params on the device with the projections quantized, each QArray child placed by the
+  kernel's logical axes (`quant.axes_for`), as a quantizing load places it (the compiler's
+  own choice for a small scales dim could differ from the planner's)."""
   if quant is None:
     return params
-  return qlora.quantize_params(params, method=quant.method, group_size=quant.group_size,
-                               double_quant=quant.double_quant)
+  q = qlora.quantize_params(params, method=quant.method, group_size=quant.group_size,
+                            double_quant=quant.double_quant)
+  axes = quant_lib.tree_axes(q, _axes(model_cfg, params))
+  return jax.device_put(q, sharding.tree_shardings(mesh, axes, q))
 
 
 def _from_run(source: str, mesh, base, step: int | None, quant: Quant | None) -> Weights:
@@ -138,7 +144,8 @@ def _from_run(source: str, mesh, base, step: int | None, quant: Quant | None) ->
     dtype = decoder.DTYPES[model_cfg.param_dtype]
     host = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype), trainable)
     params = jax.device_put(host, sharding.tree_shardings(mesh, _axes(model_cfg, host), host))
-    return Weights(model_cfg, _quantize(params, quant), None, run_cfg, trainable, meta)
+    return Weights(model_cfg, _quantize(params, quant, model_cfg, mesh), None, run_cfg,
+                   trainable, meta)
   # A PEFT run: rebuild its base exactly as the run did (same source, seed, quantisation).
   run_base = with_compute_options(saved, run_cfg.model)
   inner = load(run_cfg.model.hf_path, mesh=mesh, base=run_base, quant=quant_for(run_cfg),

@@ -88,7 +88,7 @@ def test_ring_for_sliding_layers_equals_transformers_and_the_full_cache(family, 
   if scan_layers:
     assert kv.k.shape == kv.v.shape == (n_global, *one(32))
     assert kv.local.k.shape == kv.local.v.shape == (n_local, *one(W))
-    assert cache.axes(cfg, local=True).local.k == ("layers", "batch", "kv_heads", "seq",
+    assert cache.axes(cfg, local=True).local.k == ("layers", "batch", "act_kv_heads", "seq",
                                                     "head_dim")
   else:
     assert [x.shape for x in kv.k] == [one(32)] * n_global

@@ -382,11 +382,12 @@ def test_sharded_loss_and_grads_match_one_device(base):
   assert max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(grads1)) > 1e-3
 
   P = jax.sharding.PartitionSpec
-  want = {"self_attn/q_proj": (P(None, "fsdp", None), P(None, None, "tensor")),
-          "self_attn/k_proj": (P(None, "fsdp", None), P(None, None, "tensor")),
-          "self_attn/o_proj": (P(None, "tensor", None), P(None, None, "fsdp")),
-          "mlp/up_proj": (P(None, "fsdp", None), P(None, None, "tensor")),
-          "mlp/down_proj": (P(None, "tensor", None), P(None, None, "fsdp"))}
+  tf = ("tensor", "fsdp")  # heads / MLP width: tensor, then fsdp where 'embed' did not take it
+  want = {"self_attn/q_proj": (P(None, "fsdp", None), P(None, None, tf)),
+          "self_attn/k_proj": (P(None, "fsdp", None), P(None, None, tf)),
+          "self_attn/o_proj": (P(None, tf, None), P(None, None, "fsdp")),
+          "mlp/up_proj": (P(None, "fsdp", None), P(None, None, tf)),
+          "mlp/down_proj": (P(None, tf, None), P(None, None, "fsdp"))}
   for module, (pa, pb) in want.items():
     parent, name = module.split("/")
     a, b = sad.params["layers"][parent][name]["a"], sad.params["layers"][parent][name]["b"]

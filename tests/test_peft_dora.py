@@ -274,7 +274,7 @@ def test_training_changes_only_adapters_and_sharded_matches_one_device(base):
   print(f"DoRA 8-device vs 1: loss diff {abs(float(loss8) - float(loss1)):.2e}, grad {gdiff:.2e}")
   assert abs(float(loss8) - float(loss1)) < 1e-5 and gdiff < 1e-5
   m = sp["layers"]["self_attn"]["q_proj"]["m"]
-  assert m.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+  assert m.sharding.spec == jax.sharding.PartitionSpec(None, ("tensor", "fsdp"))
 
 
 def test_qdora_equals_dora_over_the_dequantized_base(base):

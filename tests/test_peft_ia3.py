@@ -220,4 +220,4 @@ def test_training_changes_only_vectors_and_sharded_matches_one_device(base):
   print(f"IA3 8-device vs 1: loss {abs(float(loss8) - float(loss1)):.2e}, grad {gdiff:.2e}")
   assert abs(float(loss8) - float(loss1)) < 1e-5 and gdiff < 1e-5
   assert ad_sh.params["layers"]["mlp"]["down_proj"]["l"].spec == jax.sharding.PartitionSpec(
-      None, "tensor")
+      None, ("tensor", "fsdp"))

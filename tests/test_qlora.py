@@ -153,10 +153,11 @@ def test_load_onto_mesh_shards_the_4bit_leaves(hf_dir, qmodel):
   P = jax.sharding.PartitionSpec
   q = sq["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, 128, 128]: packed [L, 64, 128]
   assert q.packed.sharding.spec == P(None, "fsdp", "tensor")
-  assert q.scales.sharding.spec == P(None, None, "tensor")  # 128 / 64 = 2 rows: not / 4
-  down = sq["layers"]["mlp"]["down_proj"]["kernel"]  # [L, 192, 128]
-  assert down.packed.sharding.spec == P(None, "tensor", "fsdp")
-  assert down.packed.addressable_shards[0].data.shape == (2, 48, 32)
+  # 128 / 64 = 2 rows do not split over fsdp=4, so the heads dim takes tensor and fsdp
+  assert q.scales.sharding.spec == P(None, None, ("tensor", "fsdp"))
+  down = sq["layers"]["mlp"]["down_proj"]["kernel"]  # [L, 192, 128]: packed [L, 96, 128]
+  assert down.packed.sharding.spec == P(None, ("tensor", "fsdp"), None)  # FSDP on the rows
+  assert down.packed.addressable_shards[0].data.shape == (2, 12, 128)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, sq),
                jax.tree.map(np.asarray, qparams))
   tokens = _tokens(2, b=8, t=16)

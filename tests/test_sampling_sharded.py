@@ -65,7 +65,7 @@ def test_mesh_gives_the_unsharded_greedy_tokens(hf_dir, mesh):
   assert k.shape == (cfg.num_layers, 8, 2, plan.slots, cfg.head_dim)
   spec = tuple(k.sharding.spec) + (None,) * (k.ndim - len(k.sharding.spec))
   assert spec == (None, ("data", "fsdp"), "tensor", None, None)
-  assert cache.axes(w.model_cfg).k == ("layers", "batch", "kv_heads", "seq", "head_dim")
+  assert cache.axes(w.model_cfg).k == ("layers", "batch", "act_kv_heads", "seq", "head_dim")
 
 
 def test_unrolled_layers_give_the_scanned_tokens(hf_dir):

@@ -263,7 +263,7 @@ def pallas_decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax
                          block=next(c for c in (128, 64, 32, 16) if s % c == 0))
   if mesh is None or mesh.size == 1:
     return fn(q, k, v, start, end)
-  rows = sharding.spec(("batch", "seq", "kv_heads", "head_dim"), (b, 1, kh, dh), mesh)
+  rows = sharding.spec(("batch", "seq", "act_kv_heads", "head_dim"), (b, 1, kh, dh), mesh)
   qs = PartitionSpec(rows[0], None, rows[2], None)
   ks = PartitionSpec(rows[0], rows[2], None, None)
   return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, PartitionSpec(rows[0]),

@@ -112,7 +112,7 @@ def init(cfg: config_lib.ModelConfig, batch: int, num_slots: int, dtype,
                              local=_group(cfg, n, batch, local, dtype))
 
 
-_ONE = ("batch", "kv_heads", "seq", "head_dim")
+_ONE = ("batch", "act_kv_heads", "seq", "head_dim")
 
 
 def axes(cfg: config_lib.ModelConfig, local: bool = False) -> KVCache:
