@@ -99,7 +99,7 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch | offload
   attention: str = "auto"  # auto | xla | cudnn | pallas | splash (models/attention.py)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
-  logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens
+  logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (of the global batch)
   moe_impl: str = "auto"  # MoE grouped matmul: auto | ragged | blocked | mgpu (Hopper)
 
   @property

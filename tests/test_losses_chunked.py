@@ -105,6 +105,29 @@ def test_per_device_rows_equal_one_device_without_gathering_rows(kind):
   assert _gathered_shapes(left.compile().as_text()) - {(D, V)}  # the probe sees row gathers
 
 
+def test_chunk_counts_tokens_of_the_whole_mesh():
+  """chunk_size is one chunk of the whole mesh: over 8 row shards, chunk 16 gives each
+  device [2, V] logits at a time (one device: [16, V]), with the same loss; so the head's
+  temporaries per device shrink with the devices like the other activations."""
+  h, w, y, mask, _ = _inputs(3)
+  mesh = _mesh()
+  rows = head.row_axes(mesh, h)
+
+  def run(mesh_arg, rows_arg, *args):
+    fn = jax.jit(lambda h, w: losses.chunked_cross_entropy(
+        h, w, y, mask, chunk_size=16, mesh=mesh_arg, row_axes=rows_arg)[0])
+    hlo = fn.lower(*args).compile().as_text()
+    return fn(*args), set(re.findall(rf"f32\[(\d+),{V}\]", hlo))
+
+  want, one_shapes = run(None, None, h, w)
+  hs = jax.device_put(h, jax.sharding.NamedSharding(mesh, sharding.spec(
+      ("batch", "seq", "act_embed"), h.shape, mesh)))
+  got, mesh_shapes = run(mesh, rows, hs, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert "16" in one_shapes and "16" not in mesh_shapes and "2" in mesh_shapes, (
+      one_shapes, mesh_shapes)
+
+
 def test_row_axes_leaves_a_tensor_split_vocabulary_to_the_compiler():
   h = jnp.zeros((B, T, D))
   assert head.row_axes(None, h) is None
