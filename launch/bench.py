@@ -17,7 +17,8 @@ attaches to unpacked rows, 'chat' for the real launch/train.py pipeline (bundled
 packed, loss on assistant turns, a new batch every step); tokens/s then counts real
 (non-padding) tokens. Frameworks: jaxtune, torch (eager), torch_compile (torch.compile,
 default mode; on seg/chat rows with flex_attention document masking, eager uses sdpa with
-the same block-diagonal mask).
+the same block-diagonal mask); with a --mesh of several devices, torch_ddp and torch_fsdp
+(the eager peer under torchrun, DDP or FSDP2 over those devices: launch/bench_ddp.py).
 
 Both sides, unless a line says otherwise:
   model      Llama-3.2-1B shape (hidden 2048, 16 layers, 32/8 heads, mlp 8192, vocab 128256,
@@ -89,10 +90,12 @@ def define_flags() -> None:
   flags.DEFINE_string("mesh", "", "jaxtune device mesh, e.g. data=2 | fsdp=2 | tensor=2 | "
                       "data=2,fsdp=2 (axes left out are 1): runs on that many local devices. "
                       "Empty: one device. torch and torch_compile run on one device only, so "
-                      "they are skipped when the mesh has more; torch_ddp runs only then.")
+                      "they are skipped when the mesh has more; torch_ddp and torch_fsdp "
+                      "run only then.")
   flags.DEFINE_list("frameworks", ["torch", "jaxtune"], "Which sides to run: torch (eager), "
                     "torch_compile, torch_ddp (eager, DistributedDataParallel over the "
-                    "--mesh's device count, under torchrun), jaxtune.")
+                    "--mesh's device count, under torchrun), torch_fsdp (the same with FSDP2 "
+                    "fully_shard), jaxtune.")
   flags.DEFINE_enum("precision", "bf16", ["bf16", "mixed"], "See the module docstring.")
   flags.DEFINE_integer("warmup", 3, "Untimed steps (the first one compiles).")
   flags.DEFINE_integer("steps", 10, "Timed steps.")
@@ -161,11 +164,11 @@ def _specs() -> list[dict]:
       for fw in FLAGS.frameworks:
         if fw in ("torch", "torch_compile") and mesh_devices(mesh) > 1:
           continue  # one-device peers: no row to compare a mesh run with
-        if fw == "torch_ddp":  # the peer on the mesh's devices, data parallel
+        if fw in bench_ddp.SHARDS:  # the peer on the mesh's devices: DDP or FSDP2
           if mesh_devices(mesh) > 1:
             ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
             specs.append(dict(base, framework=fw, variant="peer", peer_ckpt=ckpt, model={},
-                              ddp=mesh_devices(mesh)))
+                              ddp=mesh_devices(mesh), shard=bench_ddp.SHARDS[fw]))
           continue
         if fw in ("torch", "torch_compile"):
           ckpt = {"on": True, "off": False}.get(FLAGS.peer_ckpt, PEER_CKPT[shape])
@@ -232,8 +235,8 @@ def _config_str(r: dict) -> str:
   prec = "bf16" if r["precision"] == "bf16" else "fp32 master+bf16"
   if r["framework"] != "jaxtune":
     attn = (r.get("config_extra") or "attn=sdpa").split("attn=")[-1]
-    comp = {"torch_compile": "compiled ", "torch_ddp": f"DDP x{r.get('ddp')} "}.get(
-        r["framework"], "")
+    comp = {"torch_compile": "compiled ", "torch_ddp": f"DDP x{r.get('ddp')} ",
+            "torch_fsdp": f"FSDP x{r.get('ddp')} "}.get(r["framework"], "")
     return f"{comp}{prec} {attn} ckpt={'on' if r['peer_ckpt'] else 'off'}"
   m = r["model"]
   attn = m.get("attention", "auto")
@@ -252,8 +255,9 @@ def _config_str(r: dict) -> str:
 def table(results: list[dict]) -> str:
   """The printed table: one row per run, the ratio against the peer's row of the same
   workload and sequence length."""
-  peers = {fw: {(r["workload"], r["seq"]): r for r in results  # torch_ddp: a mesh's peer
-                if r["framework"] in (fw, fw + "_ddp") and r.get("status") == "ok"}
+  # a mesh's peer is torch_ddp or torch_fsdp (when both ran: the later row)
+  peers = {fw: {(r["workload"], r["seq"]): r for r in results
+                if r["framework"] in (fw, fw + "_ddp", fw + "_fsdp") and r.get("status") == "ok"}
            for fw in ("torch", "torch_compile")}
   head = ("workload", "seq", "framework", "config", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
           "vs peer", "vs compiled")
@@ -291,7 +295,7 @@ def main(argv):
     spec = json.loads(FLAGS.worker)
     worker = bench_decode if spec.get("kind") == "decode" else bench_workers
     res = worker.run_worker(spec)
-    if not spec.get("ddp") or bench_ddp.rank() == 0:  # torch_ddp: rank 0 reports
+    if not spec.get("ddp") or bench_ddp.rank() == 0:  # under torchrun: rank 0 reports
       with open(spec["result_file"], "w") as f:
         json.dump(res, f)
     return

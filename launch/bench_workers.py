@@ -245,7 +245,7 @@ def _torch_worker(spec: dict) -> dict:
   import peft
   from jaxtune.hf import config as hf_config
   dev = "cuda" if torch.cuda.is_available() and not spec["smoke"] else "cpu"
-  rank, world = bench_ddp.setup(spec, dev)  # (0, 1) unless torch_ddp under torchrun
+  rank, world = bench_ddp.setup(spec, dev)  # (0, 1) unless under torchrun
   method = spec["method"]
   versions = {"torch": torch.__version__, "transformers": transformers.__version__,
               "peft": peft.__version__}
@@ -289,11 +289,11 @@ def _torch_worker(spec: dict) -> dict:
         r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=0.0, bias="none",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj"], task_type="CAUSAL_LM"))
-  if world > 1:
-    model = bench_ddp.wrap(model, dev)
+  model = bench_ddp.wrap(model, dev, spec)  # torch_ddp / torch_fsdp under torchrun
   params = [p for p in model.parameters() if p.requires_grad]
   opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
                           fused=dev == "cuda")
+  init = bench_ddp.snapshot(params, spec)  # --smoke: the params before training, for check
   host = bench_chat.host_batches(spec, model_cfg.vocab_size)
   inputs = bench_chat.torch_inputs(bench_ddp.rows(next(host), rank, world), dev, attn)
   model.train()
@@ -341,7 +341,7 @@ def _torch_worker(spec: dict) -> dict:
   out["peak_bytes"] = torch.cuda.max_memory_allocated() if dev == "cuda" else None
   out["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
   out["versions"] = versions
-  bench_ddp.finish(spec)
+  bench_ddp.finish(spec, out, params, opt, init)  # --smoke: adds out['check']
   return out
 
 
