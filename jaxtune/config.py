@@ -99,7 +99,9 @@ class ModelConfig:
   remat: str = "none"  # none | full | dots | dots_no_batch | offload
   attention: str = "auto"  # auto | xla | cudnn | pallas | splash (models/attention.py)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
-  logits_chunk: int = 0  # >0: cross-entropy over chunks of this many tokens (of the global batch)
+  # >0: the output head scores this many tokens at a time. Training: tokens of the global
+  # batch, each device its share of its rows; eval/perplexity: positions of each row.
+  logits_chunk: int = 0
   moe_impl: str = "auto"  # MoE grouped matmul: auto | ragged | blocked | mgpu (Hopper)
 
   @property

@@ -1,9 +1,10 @@
 """The one logical-axis rules table, the device mesh, and shardings for trees and batches.
 
 Params and activations name their axes logically ('embed', 'mlp', 'batch', ...); RULES maps
-each name to a mesh axis of the ('data', 'fsdp', 'tensor', 'expert') mesh, or to None
-(replicated). A dimension that a mesh axis does not divide stays replicated rather than
-failing, and a mesh axis the mesh lacks (a hand-built 3-axis mesh) is skipped. The
+each name to a mesh axis of the ('data', 'fsdp', 'tensor', 'expert') mesh, a tuple of them
+(a dim keeps the longest prefix that divides it), or None (replicated). A dimension that a
+mesh axis does not divide stays replicated rather than failing, and a mesh axis the mesh
+lacks (a hand-built 3-axis mesh) is skipped. The
 'expert' axis splits MoE experts (expert parallelism, on top of FSDP over 'embed') and, like
 'data' and 'fsdp', the batch rows.
 

@@ -6,6 +6,8 @@ float32 model (the function the 4-bit model computes), checked against transform
 generate through an HF export of it.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -100,3 +102,17 @@ def test_4bit_base_equals_its_dequantized_model_and_transformers(hf_dir, mesh, t
   host = jax.tree_util.tree_map(np.asarray, w.params)  # unsharded copy of the 4-bit leaves
   assert _greedy(w.model_cfg, w.params).tokens == _greedy(
       cfg, quant.dequantize_tree(host)).tokens
+
+
+def test_projections_fuse_only_when_no_part_splits_its_outputs(hf_dir, mesh):
+  """Decode joins q|k|v and gate|up side by side only where each part's output dim is whole:
+  not over a tensor axis (the parts' shards would not line up), yes over data x fsdp
+  (FSDP splits a kernel's leading dim)."""
+  cfg, _ = jaxtune.load_hf(hf_dir)
+  assert not engine._outputs_whole(cfg, mesh)  # tensor=2 splits the heads / MLP width
+  fsdp = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=4, tensor=1))
+  assert engine._outputs_whole(cfg, fsdp) and engine._outputs_whole(cfg, None)
+  # where fsdp cannot split D (36 rows over 8) it takes the outputs, and fusion is refused
+  wide = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=8, tensor=1))
+  odd = dataclasses.replace(cfg, hidden_size=36, num_heads=4, head_dim=16)
+  assert engine._outputs_whole(cfg, wide) and not engine._outputs_whole(odd, wide)

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 
 from jaxtune import config as config_lib
 from jaxtune import sharding
+from jaxtune import tree
 from jaxtune.models import cache
 from jaxtune.models import decoder
 from jaxtune.models import fused
@@ -210,13 +211,22 @@ def _fusable(cfg: config_lib.ModelConfig) -> bool:
   return not cfg.scan_layers or (layer_pattern.uniform(cfg) and not moe.is_mixed(cfg))
 
 
+def _outputs_whole(cfg: config_lib.ModelConfig, mesh) -> bool:
+  """True when no part of a fused group has its output (last) dim split on `mesh`."""
+  if mesh is None:
+    return True
+  axes, shapes = tree.flatten(decoder.axes(cfg)), decoder.shapes(cfg)
+  paths = [f"layers/{g}/{p}/kernel" for g, _, parts in fused.GROUPS for p in parts]
+  return all(sharding.spec(axes[p], shapes[p], mesh)[-1] is None for p in paths if p in shapes)
+
+
 def _decode(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, state: dict,
             stop_at: jax.Array) -> dict:
   TRACES["decode"] += 1
   # Side-by-side projections (models/fused.py), joined once here: a transient copy of those
-  # weights. Not over a 'tensor' axis, whose shards of the parts would not line up.
-  fuse = (plan.fuse and _fusable(cfg)
-          and (mesh is None or dict(mesh.shape).get(sharding.RULES["mlp"], 1) == 1))
+  # weights. Not when a part's output dim is split (a 'tensor' axis), whose shards of the
+  # parts would not line up.
+  fuse = plan.fuse and _fusable(cfg) and _outputs_whole(cfg, mesh)
   log.info("sampling: compiling decode for %d rows, %d cache slots%s, %d steps per check%s",
            plan.batch, plan.slots, _ring_note(plan), plan.chunk,
            ", fused projections" if fuse else "")
