@@ -23,6 +23,7 @@ from jaxtune import convert
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
 from jaxtune.hf import io as hf_io
+from jaxtune.hf import multimodal_export
 from jaxtune.peft import lora
 
 T = 23  # > the sliding window (5)
@@ -197,6 +198,18 @@ def test_export_falls_back_to_the_text_model_when_the_source_is_unusable(legacy,
     assert json.load(f)["architectures"] == ["Gemma3ForCausalLM"]
   assert not any("vision" in k for k in _tensors(out))
   assert hf_io.source_config(str(tmp_path / "gone")) == (str(tmp_path / "gone"), {})
+
+
+def test_export_into_its_own_source_is_refused_and_leaves_it_whole(legacy, tmp_path):
+  """Exporting over the wrapper it came from would lose the vision tensors it copies (and a
+  text-model fallback would overwrite the source's files): an error, the source unchanged."""
+  _, d, cfg, params = legacy
+  src = tmp_path / "src"
+  shutil.copytree(d, src)
+  before = {name: (src / name).read_bytes() for name in os.listdir(src)}
+  with pytest.raises(multimodal_export.SourceOverwrite, match="export to another directory"):
+    hf_io.save_hf(cfg, params, str(src), source=str(src))
+  assert {name: (src / name).read_bytes() for name in os.listdir(src)} == before
 
 
 def test_imported_checkpoint_exports_the_wrapper(legacy, tmp_path):

@@ -30,3 +30,9 @@ def from_hf(d: dict[str, Any], base: config_lib.ModelConfig | None = None,
 def to_hf(cfg: config_lib.ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
   """An HF config dict that `transformers.AutoConfig` loads (4.x and 5.x)."""
   return families.get(cfg.family).to_hf(cfg, dtype)
+
+
+def generation_config(hf: dict[str, Any]) -> dict[str, Any]:
+  """generation_config.json of an HF config dict (`to_hf`'s): its bos / eos / pad ids."""
+  return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+          if hf.get(k) is not None}

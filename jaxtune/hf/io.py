@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxtune import config as config_lib
+from jaxtune import paths
 from jaxtune import storage
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
@@ -56,7 +57,6 @@ def resolve(path_or_id: str) -> str:
     return path_or_id
   if os.path.exists(path_or_id):
     raise ValueError(f"{path_or_id}: expected a model directory, got a file")
-  from jaxtune import paths  # pylint: disable=g-import-not-at-top
   if not paths.is_hub_id(path_or_id):
     raise ValueError(f"{path_or_id}: no such directory (looked for "
                      f"{os.path.abspath(path_or_id)}); expected a model directory or a hub id")
@@ -73,11 +73,17 @@ def resolve(path_or_id: str) -> str:
 def read_config(model_dir: str, base: config_lib.ModelConfig | None = None):
   if hf_gguf.is_gguf(model_dir):
     return hf_gguf.read_config(model_dir, base)
+  return _read_config(model_dir, base)[0]
+
+
+def _read_config(model_dir: str, base: config_lib.ModelConfig | None):
+  """(ModelConfig, the multimodal wrapper or None) of an HF directory: one config.json read."""
   path = os.path.join(model_dir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"{model_dir}: no config.json")
   with open(path) as f:
-    return hf_config.from_hf(json.load(f), base, source=path)
+    d = json.load(f)
+  return hf_config.from_hf(d, base, source=path), multimodal.get(d.get("model_type"))
 
 
 # The safetensors file layer lives in `files`; these names stay importable from here.
@@ -86,21 +92,12 @@ save_safetensors = files.save_safetensors
 convert_command = files.convert_command
 
 
-def wrapper_of(model_dir: str) -> multimodal.Wrapper | None:
-  """The multimodal wrapper (Gemma3ForConditionalGeneration) an HF directory holds, or None."""
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return multimodal.get(json.load(f).get("model_type"))
-
-
-def tensor_view(cfg: config_lib.ModelConfig, model_dir: str, tensors: files.Tensors):
-  """(shapes, get) of a checkpoint's tensors as the family's key table names them: a
-  multimodal wrapper's language model (`multimodal`), MoE experts stored fused
+def tensor_view(cfg: config_lib.ModelConfig, model_dir: str, tensors: files.Tensors,
+                w: multimodal.Wrapper | None):
+  """(shapes, get) of a checkpoint's tensors as the family's key table names them: the
+  language model of a multimodal wrapper `w` (`multimodal`), MoE experts stored fused
   (`fused_experts`) shown per expert; the tensors themselves otherwise."""
   shapes, get = tensors.shapes, tensors.get
-  w = wrapper_of(model_dir)
   if w is not None:
     shapes, get = multimodal.text_view(w, shapes, get, model_dir, tensors.file_of)
   return fused_experts.view(cfg, shapes, get, source=model_dir, file_of=tensors.file_of)
@@ -118,17 +115,16 @@ def load_hf(path_or_id: str, dtype=jnp.float32, *,
   model_dir = resolve(path_or_id)
   if hf_gguf.is_gguf(model_dir):  # a .gguf file or a dir holding one: dequantized on the host
     return hf_gguf.load(model_dir, dtype, base=base, place=place)
-  cfg = read_config(model_dir, base)
-  shapes, get = tensor_view(cfg, model_dir, Tensors(model_dir))
+  cfg, w = _read_config(model_dir, base)
+  shapes, get = tensor_view(cfg, model_dir, Tensors(model_dir), w)
   keys.check_keys(cfg, shapes, model_dir)
   np_dtype = np.dtype(jnp.dtype(dtype))
   place = place or (lambda _, x: jnp.asarray(x))
   flat = {}
   for path, host in keys.to_params(cfg, get):
     flat[path] = place(path, host.astype(np_dtype))
-  if not cfg.hf_path and wrapper_of(model_dir) is not None:  # save_hf finds the wrapper here
-    local = os.path.isdir(path_or_id) and not storage.is_remote(path_or_id)
-    cfg = dataclasses.replace(cfg, hf_path=os.path.abspath(path_or_id) if local else path_or_id)
+  if not cfg.hf_path and w is not None:  # save_hf finds the wrapper here
+    cfg = dataclasses.replace(cfg, hf_path=paths.model_source(path_or_id, "hf_path"))
   return cfg, tree.unflatten(flat)
 
 
@@ -152,7 +148,7 @@ def _config_json(spec: str) -> dict:
         return json.load(f)
   if os.path.isdir(spec):
     path = os.path.join(spec, "config.json")
-  elif os.path.exists(spec) or not _is_hub_id(spec):
+  elif os.path.exists(spec) or not paths.is_hub_id(spec):
     return {}  # a file, or a local path that is gone: no hub lookup under its name
   else:
     import huggingface_hub  # pylint: disable=g-import-not-at-top  (hub ids only)
@@ -163,11 +159,6 @@ def _config_json(spec: str) -> dict:
     return {}
   with open(path) as f:
     return json.load(f)
-
-
-def _is_hub_id(spec: str) -> bool:
-  from jaxtune import paths  # pylint: disable=g-import-not-at-top  (as in resolve)
-  return paths.is_hub_id(spec)
 
 
 def source_config(spec: str) -> tuple[str, dict] | None:
@@ -272,9 +263,8 @@ def _write_text_model(cfg: config_lib.ModelConfig, flat: dict, out_dir: str, *, 
     hf["jaxtune"] = metadata
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
-  gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
   with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump(gen, f, indent=2)
+    json.dump(hf_config.generation_config(hf), f, indent=2)
 
 
 # transformers 5 writes its own backend class names, which 4.x does not have; these load as

@@ -60,6 +60,11 @@ def differences(cfg: config_lib.ModelConfig, d: dict, source: str) -> list[str]:
   return [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(src, f.name)]
 
 
+class SourceOverwrite(Exception):
+  """An export into its own source directory. Not a ValueError: `hf.io.save_hf` must not
+  fall back to writing the text model over the source's files."""
+
+
 def write(cfg: config_lib.ModelConfig, flat: dict[str, np.ndarray], out_dir: str,
           model_dir: str, *, dtype: str, metadata: dict | None = None,
           max_shard_bytes: int = 5 * 2**30) -> bool:
@@ -67,8 +72,8 @@ def write(cfg: config_lib.ModelConfig, flat: dict[str, np.ndarray], out_dir: str
   ({param path: host array}); False (nothing written) if the source does not fit `cfg`."""
   source = os.path.join(model_dir, "config.json")
   if os.path.realpath(out_dir) == os.path.realpath(model_dir):
-    raise ValueError(f"{out_dir}: is the source whose vision tensors the export copies; "
-                     "export to another directory")
+    raise SourceOverwrite(f"{out_dir}: is the source whose vision tensors the export copies; "
+                          "export to another directory")
   with open(source) as f:
     d = json.load(f)
   w = multimodal.get(d.get("model_type"))
@@ -92,11 +97,8 @@ def write(cfg: config_lib.ModelConfig, flat: dict[str, np.ndarray], out_dir: str
     if os.path.exists(src) and not os.path.exists(dst):
       shutil.copyfile(src, dst)
   if not os.path.exists(os.path.join(out_dir, "generation_config.json")):
-    hf = hf_config.to_hf(cfg, dtype=dtype)  # as the text export writes it
-    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-           if hf[k] is not None}
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-      json.dump(gen, f, indent=2)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:  # as the text export
+      json.dump(hf_config.generation_config(hf_config.to_hf(cfg, dtype=dtype)), f, indent=2)
   _log.info("%s: wrote a %s (%s naming): tuned language model, %d vision tower / projector "
             "tensors copied from %s", out_dir, w.architecture, naming.name, len(others),
             model_dir)
