@@ -24,6 +24,7 @@ from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
 from jaxtune import data as data_lib
 from jaxtune import methods
+from jaxtune import paths
 from jaxtune import peft
 from jaxtune import storage
 from jaxtune import weights
@@ -57,9 +58,8 @@ def hf_to_checkpoint(src: str, out: str) -> str:
   state = {"step": jnp.zeros((), jnp.int32), "trainable": params, "opt_state": {},
            "rng": jax.random.PRNGKey(0)}
   # An absolute source: an export finds a multimodal wrapper's vision tensors through it.
-  source = os.path.abspath(src) if os.path.exists(src) and not storage.is_remote(src) else src
   meta = {"config": config_lib.to_dict(cfg), "model_config": config_lib.to_dict(model_cfg),
-          "source": source}
+          "source": paths.model_source(src, "source")}
   ckpt = checkpoint_lib.Checkpointer(out, keep=1, async_save=False)
   ckpt.save(0, state, {}, meta)
   ckpt.close()

@@ -4,9 +4,8 @@ Params and activations name their axes logically ('embed', 'mlp', 'batch', ...);
 each name to a mesh axis of the ('data', 'fsdp', 'tensor', 'expert') mesh, a tuple of them
 (a dim keeps the longest prefix that divides it), or None (replicated). A dimension that a
 mesh axis does not divide stays replicated rather than failing, and a mesh axis the mesh
-lacks (a hand-built 3-axis mesh) is skipped. The
-'expert' axis splits MoE experts (expert parallelism, on top of FSDP over 'embed') and, like
-'data' and 'fsdp', the batch rows.
+lacks (a hand-built 3-axis mesh) is skipped. The 'expert' axis splits MoE experts (expert
+parallelism, on top of FSDP over 'embed') and, like 'data' and 'fsdp', the batch rows.
 
     >>> mesh = make_mesh(MeshConfig(fsdp=4, tensor=2))       # 8 devices
     >>> spec(("layers", "embed", "mlp"), (2, 64, 128), mesh)
@@ -82,6 +81,12 @@ def make_mesh(mesh_cfg: config_lib.MeshConfig, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES + (EXPERT_AXIS,))
 
 
+def axis_size(mesh: Mesh, axes) -> int:
+  """Devices along mesh axis `axes` (a name) or axes (a tuple of names, as in a
+  PartitionSpec entry)."""
+  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
 def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
   """PartitionSpec for logical `axes` of an array of `shape`. A mesh axis splits at most one
   dim (the first whose name takes it); a dim mapped to several axes keeps the longest prefix
@@ -97,7 +102,7 @@ def spec(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     targets = (target,) if isinstance(target, str) else (target or ())
     kept = tuple(t for t in targets
                  if t not in used and mesh.shape.get(t, 1) > 1)
-    while kept and dim % int(np.prod([mesh.shape[t] for t in kept])):
+    while kept and dim % axis_size(mesh, kept):
       kept = kept[:-1]
     if not kept:
       out.append(None)

@@ -53,30 +53,27 @@ FAMILIES = {
 
 def make(family: str, seed: int = 0, **overrides):
   cls, extra = FAMILIES[family]
-  cfg = cls(**{**COMMON, **extra, **overrides})
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
-  # Random norms and biases too, so a swapped or missing one cannot go unnoticed.
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      elif name.endswith("bias"):
-        p.copy_(0.1 * torch.randn_like(p))
-  return model.eval()
+  # Random biases too, so a swapped or missing one cannot go unnoticed.
+  return _random(cls(**{**COMMON, **extra, **overrides}), seed, "bias", 0.1)
 
 
 def make_moe(config, seed: int = 0):
   """A float32 transformers MoE model of `config`: norms near 1 and a router scaled up so
   that top-k routing is decisive (no near-ties that float noise could flip)."""
+  return _random(config, seed, "mlp.gate.weight", 0.5)
+
+
+def _random(config, seed: int, suffix: str, std: float):
+  """A float32 model of `config` in eval mode: norm weights 1 + 0.1 N(0, 1) (so a swapped or
+  missing norm shows), and the params ending in `suffix` std * N(0, 1)."""
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
   with torch.no_grad():
-    for pname, p in model.named_parameters():
-      if pname.endswith("norm.weight"):
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
         p.copy_(1.0 + 0.1 * torch.randn_like(p))
-      elif pname.endswith("mlp.gate.weight"):
-        p.copy_(torch.randn_like(p) * 0.5)
+      elif name.endswith(suffix):
+        p.copy_(std * torch.randn_like(p))
   return model.eval()
 
 

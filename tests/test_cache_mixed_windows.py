@@ -88,11 +88,11 @@ def test_ring_for_sliding_layers_equals_transformers_and_the_full_cache(family, 
   if scan_layers:
     assert kv.k.shape == kv.v.shape == (n_global, *one(32))
     assert kv.local.k.shape == kv.local.v.shape == (n_local, *one(W))
-    assert cache.axes(cfg, local=True).local.k == ("layers", "batch", "act_kv_heads", "seq",
-                                                    "head_dim")
+    assert cache.axes(kv).local.k == ("layers", "batch", "act_kv_heads", "seq", "head_dim")
   else:
     assert [x.shape for x in kv.k] == [one(32)] * n_global
     assert [x.shape for x in kv.local.v] == [one(W)] * n_local
+    assert cache.axes(kv).local.k == (("batch", "act_kv_heads", "seq", "head_dim"),) * n_local
   assert kv.pos.shape == (plan.batch, 32) and kv.local.pos.shape == (plan.batch, W)
   assert full_kv.local is None and full_kv.pos.shape == (plan.batch, 32)
   kv_bytes = 2 * plan.batch * cfg.num_kv_heads * cfg.head_dim * 4  # k + v per slot, f32

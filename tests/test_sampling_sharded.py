@@ -7,6 +7,7 @@ generate through an HF export of it.
 """
 
 import dataclasses
+import logging
 
 import jax
 import numpy as np
@@ -19,7 +20,6 @@ from jaxtune import config as config_lib
 from jaxtune import quant
 from jaxtune import sharding
 from jaxtune import weights
-from jaxtune.models import cache
 from jaxtune.peft import qlora
 from jaxtune.sampling import api
 from jaxtune.sampling import engine
@@ -67,7 +67,6 @@ def test_mesh_gives_the_unsharded_greedy_tokens(hf_dir, mesh):
   assert k.shape == (cfg.num_layers, 8, 2, plan.slots, cfg.head_dim)
   spec = tuple(k.sharding.spec) + (None,) * (k.ndim - len(k.sharding.spec))
   assert spec == (None, ("data", "fsdp"), "tensor", None, None)
-  assert cache.axes(w.model_cfg).k == ("layers", "batch", "act_kv_heads", "seq", "head_dim")
 
 
 def test_unrolled_layers_give_the_scanned_tokens(hf_dir):
@@ -104,14 +103,24 @@ def test_4bit_base_equals_its_dequantized_model_and_transformers(hf_dir, mesh, t
       cfg, quant.dequantize_tree(host)).tokens
 
 
-def test_projections_fuse_only_when_no_part_splits_its_outputs(hf_dir, mesh):
+def test_projections_fuse_only_when_no_part_splits_its_outputs(hf_dir, mesh, caplog):
   """Decode joins q|k|v and gate|up side by side only where each part's output dim is whole:
   not over a tensor axis (the parts' shards would not line up), yes over data x fsdp
-  (FSDP splits a kernel's leading dim)."""
-  cfg, _ = jaxtune.load_hf(hf_dir)
-  assert not engine._outputs_whole(cfg, mesh)  # tensor=2 splits the heads / MLP width
+  (FSDP splits a kernel's leading dim); the tokens are the unsharded ones either way."""
+  def greedy(cfg, params):  # 30 new tokens: a plan no other test here compiles
+    return jaxtune.generate(cfg, params, PROMPTS, max_new_tokens=30, temperature=0.0,
+                            eos_ids=()).tokens
+
+  cfg, params = jaxtune.load_hf(hf_dir)
+  ref = greedy(cfg, params)
   fsdp = sharding.make_mesh(config_lib.MeshConfig(data=2, fsdp=4, tensor=1))
-  assert engine._outputs_whole(cfg, fsdp) and engine._outputs_whole(cfg, None)
+  for m, fused in ((mesh, False), (fsdp, True)):
+    w = weights.load(hf_dir, mesh=m)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxtune.sampling"):
+      assert greedy(w.model_cfg, w.params) == ref
+    decode = [r.getMessage() for r in caplog.records if "compiling decode" in r.getMessage()]
+    assert decode and all(("fused projections" in d) == fused for d in decode), (m, decode)
   # where fsdp cannot split D (36 rows over 8) it takes the outputs, and fusion is refused
   wide = sharding.make_mesh(config_lib.MeshConfig(data=1, fsdp=8, tensor=1))
   odd = dataclasses.replace(cfg, hidden_size=36, num_heads=4, head_dim=16)

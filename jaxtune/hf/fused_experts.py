@@ -54,18 +54,17 @@ def fused_prefix(cfg: config_lib.ModelConfig, keys) -> str | None:
 
 
 def _check(key: str, shapes: dict, want: tuple[int, ...], what: str, source: str,
-           file_of: Callable[[str], str] | None) -> None:
+           file_of: Callable[[str], str]) -> None:
   if key not in shapes:
     raise ValueError(f"{source}: missing tensor {key} (expected {list(want)}, {what}); the "
                      "checkpoint stores other layers' experts fused")
   if tuple(shapes[key]) != want:
-    where = file_of(key) if file_of else source
-    raise ValueError(f"{where}: tensor {key} has shape {list(shapes[key])}, expected "
+    raise ValueError(f"{file_of(key)}: tensor {key} has shape {list(shapes[key])}, expected "
                      f"{list(want)} ({what})")
 
 
 def view(cfg: config_lib.ModelConfig, shapes: dict, get: Callable[[str], np.ndarray], *,
-         source: str, file_of: Callable[[str], str] | None = None):
+         source: str, file_of: Callable[[str], str]):
   """(shapes, get) with fused experts shown as per-expert tensors; unchanged otherwise."""
   p = fused_prefix(cfg, shapes)
   if p is None:
@@ -90,7 +89,7 @@ def view(cfg: config_lib.ModelConfig, shapes: dict, get: Callable[[str], np.ndar
     for x, (g, u, dk) in enumerate(per):
       both = [k for k in (g, u, dk) if k in shapes]
       if both:
-        raise ValueError(f"{file_of(both[0]) if file_of else source}: tensor {both[0]} is "
+        raise ValueError(f"{file_of(both[0])}: tensor {both[0]} is "
                          f"stored per expert while {gu} holds the same experts fused")
       alias[g], alias[u], alias[dk] = (gu, x, slice(0, f)), (gu, x, slice(f, 2 * f)), (
           dn, x, slice(None))

@@ -131,7 +131,7 @@ def naming(w: Wrapper, keys, source: str) -> Naming:
   return found[0]
 
 
-def split(w: Wrapper, shapes: dict, source: str, file_of: Callable[[str], str] | None = None
+def split(w: Wrapper, shapes: dict, source: str, file_of: Callable[[str], str]
           ) -> tuple[Naming, dict[str, str], list[str]]:
   """(naming, {text key: checkpoint key}, [checkpoint keys kept as they are]).
 
@@ -143,9 +143,8 @@ def split(w: Wrapper, shapes: dict, source: str, file_of: Callable[[str], str] |
     try:
       t = n.to_text(k)
     except KeyError:
-      where = file_of(k) if file_of else source
       raise ValueError(
-          f"{where}: tensor {k} {list(shapes[k])} is not part of a {w.architecture} "
+          f"{file_of(k)}: tensor {k} {list(shapes[k])} is not part of a {w.architecture} "
           f"checkpoint in the {n.name} naming (expected keys under {n.text}, {n.head}, "
           f"{', '.join(n.others)})") from None
     if t is None:
@@ -156,7 +155,7 @@ def split(w: Wrapper, shapes: dict, source: str, file_of: Callable[[str], str] |
 
 
 def text_view(w: Wrapper, shapes: dict, get: Callable[[str], np.ndarray], source: str,
-              file_of: Callable[[str], str] | None = None):
+              file_of: Callable[[str], str]):
   """(shapes, get) over the text model's keys of a wrapper checkpoint's tensors."""
   _, text, _ = split(w, shapes, source, file_of)
   return {t: shapes[k] for t, k in text.items()}, lambda t: get(text[t])

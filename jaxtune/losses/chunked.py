@@ -17,12 +17,12 @@ On a mesh (`mesh=` and `row_axes=`: the mesh axes the rows of `hidden` are split
 device scores only its own rows under `shard_map`, and the scalar sums and dW are summed
 over those axes once, at the end; `chunk_size` then counts a chunk of the whole mesh, each
 device taking its share (so per-device memory halves with twice the devices). Left to the
-compiler, the scan over chunks of the
-flattened B*T tokens would gather every row onto every device and run the whole output
-head there (measured on 2 H200s with the rows split in two: the head's GEMMs took twice
-their one-GPU time on each GPU). The weight enters each device whole (an FSDP-split weight
-is gathered first, as its matmul needs anyway); a vocabulary split over a tensor axis is the
-caller's case to leave to the compiler (`models/head.py` does).
+compiler, the scan over chunks of the flattened B*T tokens would gather every row onto
+every device and run the whole output head there (measured on 2 H200s with the rows split
+in two: the head's GEMMs took twice their one-GPU time on each GPU). The weight enters each
+device whole (an FSDP-split weight is gathered first, as its matmul needs anyway); a
+vocabulary split over a tensor axis is the caller's case to leave to the compiler
+(`models/head.py` does).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from jaxtune import sharding
+
 
 def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
                           targets: jax.Array, mask: jax.Array, *, chunk_size: int,
@@ -42,8 +44,8 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
 
   logits = hidden @ W (W: [D, V] kernel, `transpose=False`) or hidden @ E^T (E: [V, D]
   tied embedding table, `transpose=True`), float32 accumulation. Peak logits memory is
-  chunk_size * V floats (split over the row shards on a mesh), not B * T * V. Same value and gradients as
-  `cross_entropy_loss(hidden @ W, targets, mask)` (up to float32 summation order; the
+  chunk_size * V floats (split over the row shards on a mesh), not B * T * V. Same value
+  and gradients as `cross_entropy_loss(hidden @ W, targets, mask)` (up to float32 summation order; the
   logits gradient is cast to W's dtype before its two matmuls, as autodiff of a bf16 model
   does).
 
@@ -116,11 +118,7 @@ def _per_device_opts(opts: tuple, split) -> tuple:
   activation (Llama-3-8B at fsdp=2, chunk 4096: 1.5 GiB less per GPU)."""
   if split is None:
     return opts
-  mesh, axes = split
-  shards = 1
-  for a in (axes,) if isinstance(axes, str) else axes:
-    shards *= mesh.shape[a]
-  return (-(-opts[0] // shards),) + opts[1:]
+  return (-(-opts[0] // sharding.axis_size(*split)),) + opts[1:]
 
 
 # Specs of _per_device's arguments and results: 'R' marks the row-split dimension.

@@ -141,7 +141,7 @@ def shard_kernel(fn, mesh, q, k, v, segment_ids):
     return fn(q, k, v, segment_ids)
   qs = sharding.spec(("batch", "seq", "act_heads", "head_dim"), q.shape, mesh)
   heads = qs[2]
-  if heads is not None and k.shape[2] % _axis_size(mesh, heads):
+  if heads is not None and k.shape[2] % sharding.axis_size(mesh, heads):
     groups = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
   ks = PartitionSpec(qs[0], None, heads, None)
@@ -150,11 +150,6 @@ def shard_kernel(fn, mesh, q, k, v, segment_ids):
                          out_specs=qs, check_vma=False)(q, k, v)
   return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, PartitionSpec(qs[0], None)),
                        out_specs=qs, check_vma=False)(q, k, v, segment_ids)
-
-
-def _axis_size(mesh, axes) -> int:
-  axes = (axes,) if isinstance(axes, str) else axes
-  return int(functools.reduce(lambda a, n: a * mesh.shape[n], axes, 1))
 
 
 def unpacked(segment_ids: jax.Array) -> jax.Array:

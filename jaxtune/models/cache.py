@@ -115,31 +115,19 @@ def init(cfg: config_lib.ModelConfig, batch: int, num_slots: int, dtype,
 _ONE = ("batch", "act_kv_heads", "seq", "head_dim")
 
 
-def axes(cfg: config_lib.ModelConfig, local: bool = False) -> KVCache:
-  """Logical axes of `init`'s cache (for sharding.spec / constraints); local: with the
-  sliding layers' ring."""
-  def group(n):
-    k = ("layers", *_ONE) if cfg.scan_layers else tuple(_ONE for _ in range(n))
+def axes(kv: KVCache) -> KVCache:
+  """The logical axes of each buffer of `kv` (stacked or per layer, one group or two), for
+  sharding.spec and constraints."""
+  def group(g):
+    k = tuple(_ONE for _ in g.k) if isinstance(g.k, tuple) else ("layers", *_ONE)
     return KVCache(k, k, ("batch", "seq"))
 
-  if not local:
-    return group(cfg.num_layers)
-  n = sum(_sliding(cfg))
-  return dataclasses.replace(group(cfg.num_layers - n), local=group(n))
-
-
-def constrain(kv: KVCache, cfg: config_lib.ModelConfig, constrain_fn) -> KVCache:
-  """kv with every buffer constrained to its logical axes by `constrain_fn(x, axes)`."""
-  del cfg  # the layout is read from kv (stacked or per layer, one group or two)
-
-  def group(g):
-    if isinstance(g.k, tuple):
-      k, v = (tuple(constrain_fn(x, _ONE) for x in buf) for buf in (g.k, g.v))
-    else:
-      k, v = (constrain_fn(buf, ("layers", *_ONE)) for buf in (g.k, g.v))
-    return KVCache(k, v, constrain_fn(g.pos, ("batch", "seq")))
-
   return _groups(kv, group)
+
+
+def constrain(kv: KVCache, constrain_fn) -> KVCache:
+  """kv with every buffer constrained to its logical axes (`axes`) by `constrain_fn(x, axes)`."""
+  return jax.tree.map(constrain_fn, kv, axes(kv))
 
 
 def _groups(kv: KVCache, fn) -> KVCache:

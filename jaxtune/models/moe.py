@@ -28,10 +28,10 @@ Each layer returns the three sums it needs (`stats`), and `aux_loss` combines th
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from jaxtune import config as config_lib
 from jaxtune import quant
@@ -303,22 +303,21 @@ def resolve_impl(impl: str) -> str:
   'blocked' on other GPUs, where XLA's ragged_dot ran 10x slower on an H200 (Qwen3-30B-A3B
   shape, LoRA: 1.4k against 13.8k tokens/s, docs/BENCHMARKS.md), else 'ragged' (a native
   grouped matmul on TPU; on CPU both are exact). A forced 'mgpu' where the kernels are not
-  available (a config saved on a Hopper GPU, reused elsewhere) runs 'blocked', the same
-  function, with a warning."""
+  available (a config saved on a Hopper GPU, reused elsewhere) runs what 'auto' picks
+  there, the same function, with a warning."""
+  portable = "blocked" if jax.default_backend() == "gpu" else "ragged"
   if impl == "mgpu" and not grouped_gemm.available():
     _warn_once("model.moe_impl='mgpu' needs a process that sees one Hopper (sm_90) GPU and "
-               "jax's Mosaic GPU ragged-dot kernels; running moe_impl='blocked' instead")
-    return "blocked"
+               f"jax's Mosaic GPU ragged-dot kernels; running moe_impl='{portable}' instead")
+    return portable
   if impl != "auto":
     return impl
-  if grouped_gemm.available():
-    return "mgpu"
-  return "blocked" if jax.default_backend() == "gpu" else "ragged"
+  return "mgpu" if grouped_gemm.available() else portable
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-  logging.warning(message)
+  logging.getLogger("jaxtune").warning(message)
 
 
 def aux_loss(cfg: config_lib.ModelConfig, stats: dict) -> jax.Array:

@@ -244,8 +244,8 @@ def weights_file(adapter_dir: str) -> str:
 
 
 def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[str, ...],
-                       want, *, kind: str, detail: str = "",
-                       skip: frozenset = frozenset()) -> dict[str, dict[str, np.ndarray]]:
+                       want, *, kind: str, detail: str = "", skip: frozenset = frozenset(),
+                       handle=None) -> dict[str, dict[str, np.ndarray]]:
   """{module: {suffix: float32 [L, ...]}} of per-layer PEFT tensors, strictly checked.
 
   Tensor names are PREFIX + the module's HF template + "." + suffix, e.g.
@@ -253,7 +253,8 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
   suffix, n_in, n_out)` is the expected per-layer shape (torch layout, as stored). Every
   tensor must be understood; a module with any tensor must have all suffixes in every layer.
   kind names the adapter type in errors ("LoRA"); detail is appended to shape errors.
-  Names in `skip` are read by the caller (MoE expert LoRA, `expert_io`).
+  Names in `skip` are read by the caller (MoE expert LoRA, `expert_io`). `handle`: the file
+  opened already (`wrapper_names.AdapterFile` of wpath), else opened here.
   """
   shapes = decoder.shapes(cfg)
   templates = module_templates(cfg)
@@ -261,7 +262,8 @@ def read_layer_tensors(cfg: config_lib.ModelConfig, wpath: str, suffixes: tuple[
   patterns = {module: re.compile(re.escape(PREFIX + template).replace(re.escape("{i}"), r"(\d+)")
                                  + rf"\.({alt})")
               for module, template in templates.items()}
-  handle = wrapper_names.AdapterFile(wpath, cfg)  # a wrapper's names read as the text model's
+  # a wrapper's names read as the text model's
+  handle = handle or wrapper_names.AdapterFile(wpath, cfg)
   found: dict[str, dict[tuple[int, str], str]] = {}
   unknown = {}
   for name in handle.keys():
@@ -320,8 +322,8 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
   if experts and dora:
     raise ValueError(f"{source}: DoRA on MoE experts (target_parameters) is not supported")
   skip = frozenset(expert_io.names(cfg, experts, PREFIX))
-  with wrapper_names.AdapterFile(wpath, cfg) as handle:
-    fused_names = fused_io.names(cfg, handle.keys(), PREFIX)
+  handle = wrapper_names.AdapterFile(wpath, cfg)  # opened once, for every reader below
+  fused_names = fused_io.names(cfg, handle.keys(), PREFIX)
   if fused_names and dora:
     raise ValueError(f"{source}: DoRA on fused projections ({', '.join(fused_io.FUSED_NAMES)}) "
                      "is not supported")
@@ -331,7 +333,8 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
           "lora_magnitude_vector": lambda n_in, n_out: (n_out,)}
   suffixes = tuple(want)[:3 if dora else 2]
   raw = read_layer_tensors(cfg, wpath, suffixes, lambda _, sfx, i, o: want[sfx](i, o),
-                           kind="DoRA" if dora else "LoRA", detail=f"r={rank}, ", skip=skip)
+                           kind="DoRA" if dora else "LoRA", detail=f"r={rank}, ", skip=skip,
+                           handle=handle)
   out = {}
   for module, t in raw.items():
     out[module] = {"a": t["lora_A.weight"].transpose(0, 2, 1),  # [L, in, r]
@@ -339,10 +342,8 @@ def read_lora(cfg: config_lib.ModelConfig, adapter_dir: str, *, dora: bool = Fal
     if dora:
       out[module]["m"] = t["lora_magnitude_vector"]  # [L, out]
   if fused_names:
-    handle = wrapper_names.AdapterFile(wpath, cfg)
     out.update(fused_io.read(cfg, handle.get_tensor, fused_names, rank, PREFIX, wpath))
   if experts:
-    handle = wrapper_names.AdapterFile(wpath, cfg)
     present = set(handle.keys())
     out.update(expert_io.read(cfg, lambda n: handle.get_tensor(n) if n in present else None,
                               experts, rank, PREFIX, wpath))

@@ -66,10 +66,10 @@ class AdapterFile:
   def __init__(self, path: str, cfg: config_lib.ModelConfig):
     self._handle = safetensors.safe_open(path, framework="np")
     self._names: dict[str, str] = {}
-    skipped = []
+    skipped, wrappers = [], _wrappers(cfg)
     for name in self._handle.keys():
       text = name
-      for w in _wrappers(cfg):
+      for w in wrappers:
         text = multimodal.adapter_text_name(w, name)
         if text != name:
           break

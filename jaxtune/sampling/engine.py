@@ -162,7 +162,7 @@ def _prefill(cfg: config_lib.ModelConfig, plan: Plan, mesh, params: dict, inp: d
   full = jnp.concatenate([jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v)),
                           jnp.where(cols >= 0, cols + v, -1)], axis=1)  # [B, V + P]
   kv = cache.set_prefill_positions(kv, full)
-  kv = cache.constrain(kv, cfg, constrain)
+  kv = cache.constrain(kv, constrain)
   h, kv = decoder.cached_hidden_states(
       cfg, params, inp["tokens"], kv, positions=jnp.maximum(cols, 0),
       segment_ids=(cols >= 0).astype(jnp.int32), prefill=True, constrain=constrain)
@@ -197,7 +197,7 @@ def _step(cfg: config_lib.ModelConfig, plan: Plan, constrain, params: dict, s: d
   logits = _logits(cfg, params, h)  # [B, V]
   tok, lp = _pick(plan, logits, s, t)
   zero = jnp.zeros((), jnp.int32)
-  out = dict(s, kv=cache.constrain(kv, cfg, constrain), step=t + 1)
+  out = dict(s, kv=cache.constrain(kv, constrain), step=t + 1)
   out["tokens"] = jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (zero, t))
   out["logprobs"] = jax.lax.dynamic_update_slice(s["logprobs"], lp[:, None], (zero, t))
   out["count"] = jnp.where(s["done"], s["count"], t + 1)
