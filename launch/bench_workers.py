@@ -204,7 +204,7 @@ def _jax_worker(spec: dict) -> dict:
 
 
 def _profile(spec: dict, run, state, batch, steps: int = 2) -> dict:
-  """GPU time per step by kernel (top 30) and by trace line, from a jax.profiler trace."""
+  """GPU time per step by kernel (top 80) and by trace line, from a jax.profiler trace."""
   import collections
   import glob
   import gzip
@@ -226,16 +226,50 @@ def _profile(spec: dict, run, state, batch, steps: int = 2) -> dict:
   threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   lines, kernels = collections.Counter(), collections.Counter()
+  spans = collections.defaultdict(list)  # (start, end) of each stream's kernels, in us
   for e in events:
     if e.get("ph") != "X" or "GPU" not in procs.get(e["pid"], ""):
       continue
+    spans[(e["pid"], e.get("tid"))].append((e["ts"], e["ts"] + e.get("dur", 0)))
     # one line per GPU and stream: with a mesh, each GPU's busy time shows apart
     line = f'{procs[e["pid"]][:24]} {threads.get((e["pid"], e.get("tid")), "?")}'
     lines[line] += e.get("dur", 0) / 1e3 / steps
     if "Stream" in line:
       kernels[e["name"][:90]] += e.get("dur", 0) / 1e3 / steps / len(run.mesh.devices.flat)
+  kinds = collections.Counter()
+  for name, ms in kernels.items():
+    kinds[kernel_kind(name)] += ms
   return {"ms_per_step_by_line": dict(lines.most_common(16)),
-          "top_kernels_ms_per_step_per_gpu": kernels.most_common(30)}
+          "idle": _idle(spans, steps),
+          "ms_per_step_per_gpu_by_kind": dict(kinds.most_common()),
+          "top_kernels_ms_per_step_per_gpu": kernels.most_common(80)}
+
+
+def _idle(spans: dict, steps: int) -> dict:
+  """The busiest stream's idle time between its kernels, per step: the whole (ms) and
+  the part in gaps of at least 100 us (waits on the host, not launch latency)."""
+  if not spans:
+    return {}  # no GPU in the trace (a CPU smoke run)
+  ivs = sorted(max(spans.values(), key=lambda v: sum(b - a for a, b in v)))
+  gaps = [b[0] - a[1] for a, b in zip(ivs, ivs[1:]) if b[0] > a[1]]
+  return {"kernels_per_step": len(ivs) / steps,
+          "span_ms_per_step": (ivs[-1][1] - ivs[0][0]) / 1e3 / steps,
+          "idle_ms_per_step": sum(gaps) / 1e3 / steps,
+          "idle_ms_in_gaps_over_100us": sum(g for g in gaps if g >= 100) / 1e3 / steps,
+          "largest_gaps_us": sorted(gaps)[-5:]}
+
+
+KINDS = (("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
+         ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "dot")),
+         ("collective", ("nccl", "all_reduce", "all_gather", "reduce_scatter")),
+         ("copy", ("memcpy", "memset", "copy", "transpose", "dynamic_update_slice")))
+
+
+def kernel_kind(name: str) -> str:
+  """A profiler kernel name's kind (attention, gemm, collective, copy, else 'fusion': XLA's
+  elementwise and reduction kernels), by the names cuDNN, cuBLAS, XLA and NCCL give them."""
+  low = name.lower()
+  return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "fusion")
 
 
 def _torch_worker(spec: dict) -> dict:

@@ -120,6 +120,24 @@ def test_table_ratios_and_goal_verdicts():
   assert "8B LoRA r16 seq 4096: peak 24.0 GiB, peer: oom" in verdicts
 
 
+def test_profile_kernel_kinds_and_idle_time():
+  """The profile's kinds from kernel names the H200 trace gives (cuBLAS nvjet, XLA's Triton
+  GEMM fusions, cuDNN attention, XLA loop/reduce fusions, NCCL), and the busiest stream's
+  idle time from hand-placed kernels."""
+  kinds = {"nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT": "gemm", "gemm_fusion_dot_282": "gemm",
+           "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention",
+           "loop_multiply_fusion_31": "fusion", "input_reduce_fusion_1": "fusion",
+           "ncclDevKernel_AllGather_RING_LL": "collective", "MemcpyD2D": "copy"}
+  assert {k: bench_workers.kernel_kind(k) for k in kinds} == kinds
+  # stream 1: kernels [0, 10), [12, 20), [220, 230) us over 2 steps; stream 2 busy less
+  spans = {(1, 1): [(12, 20), (0, 10), (220, 230)], (1, 2): [(0, 5)]}
+  idle = bench_workers._idle(spans, steps=2)
+  assert idle["kernels_per_step"] == 1.5 and idle["span_ms_per_step"] == 0.115
+  assert idle["idle_ms_per_step"] == pytest.approx((2 + 200) / 1e3 / 2)
+  assert idle["idle_ms_in_gaps_over_100us"] == pytest.approx(200 / 1e3 / 2)
+  assert bench_workers._idle({}, steps=2) == {}
+
+
 def test_workload_names():
   assert bench.parse_workload("1b_full") == ("1b", "full", "synthetic")
   assert bench.parse_workload("8b_lora_chat") == ("8b", "lora", "chat")

@@ -6,6 +6,7 @@ loss with router_aux_loss_coef, greedy generation, and PEFT's expert LoRA
 (`target_parameters`).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,9 @@ import torch
 import transformers
 
 import jaxtune
+from jaxtune import config as config_lib
 from jaxtune import quant
+from jaxtune import weights
 from jaxtune.hf import io as hf_io
 from jaxtune.methods import sft
 from jaxtune.models import decoder
@@ -84,6 +87,20 @@ def test_config_and_logits_match_transformers(pair):
   toks = tokens()
   got = np.asarray(forward(cfg, params, jnp.asarray(toks)))
   np.testing.assert_allclose(got, hf_logits(model, toks), atol=1e-4, rtol=0)
+
+
+def test_moe_impl_is_a_compute_option_kept_from_base(pair):
+  """A model's architecture comes from its source and the compute options from `base`:
+  model.moe_impl among them, from an HF directory and from a jaxtune run (whose saved
+  config used to override it, so --set=model.moe_impl=... did nothing when a run was
+  resumed, evaluated or sampled from)."""
+  _, _, d, cfg, _ = pair
+  base = dataclasses.replace(config_lib.ModelConfig(), moe_impl="blocked", logits_chunk=8)
+  got = weights.load(d, base=base).model_cfg
+  assert (got.moe_impl, got.logits_chunk, got.num_experts) == ("blocked", 8, cfg.num_experts)
+  saved = dataclasses.replace(cfg, moe_impl="ragged")  # what a run's checkpoint records
+  got = weights.with_compute_options(saved, base)
+  assert (got.moe_impl, got.logits_chunk, got.num_experts) == ("blocked", 8, cfg.num_experts)
 
 
 def test_experts_are_a_grouped_matmul(pair):

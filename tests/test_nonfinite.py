@@ -87,6 +87,27 @@ def test_finite_loss_with_nan_gradient_is_skipped():
     run.state = state
 
 
+def test_update_norm_is_checked_only_when_adamw_can_divide_zero_by_zero():
+  """AdamW with eps = 0 turns a gradient that has always been 0 (the embedding rows of
+  tokens not in the batch) into 0 / 0: loss and gradient norm are finite, the update is
+  not, and the step is skipped. With eps > 0 the update norm is not computed (the guard's
+  select then fuses into the optimizer's pass), and that step is applied."""
+  model = dataclasses.replace(ts._small_cfg().model, tie_word_embeddings=False)
+  batch = ts._batch(model, t=16)
+  assert len(np.unique(batch["tokens"][:, :-1])) < model.vocab_size  # rows no input uses
+  for eps, skipped in ((0.0, 1.0), (1e-8, 0.0)):
+    cfg = ts._small_cfg(model=model, optim=config_lib.OptimConfig(warmup_steps=0, eps=eps))
+    run = ts._run(cfg, jax.devices()[:1])
+    before = host(run.state.trainable)
+    state, m = run.train_step(run.state, run.frozen,
+                              loop.device_batch(batch, run.batch_sharding))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert float(m["skipped"]) == skipped, eps
+    changed = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree_util.tree_leaves(host(state.trainable)), jax.tree_util.tree_leaves(before))]
+    assert all(changed) if not skipped else not any(changed)
+
+
 def tiny_cfg(**train) -> config_lib.TrainConfig:
   """configs/tiny_test.py's job (bundled chat sample) with a checkpoint every step."""
   cfg = config_lib.TrainConfig(

@@ -201,7 +201,8 @@ def estimate(job: Abstract, grad_accum: int) -> dict:
   """Compiles the train step with `grad_accum` micro-batches; per-device bytes by category."""
   t0 = time.perf_counter()
   step = setup.jit_train_step(job.objective, job.optimizer, job.schedule, job.state_sh,
-                              job.frozen_sh, job.mesh, grad_accum=grad_accum)
+                              job.frozen_sh, job.mesh, grad_accum=grad_accum,
+                              finite_updates=optim.finite_updates(job.cfg.optim))
   compiled = step.lower(job.state, job.frozen, job.batch).compile()
   ma = compiled.memory_analysis()
   xla = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)

@@ -36,6 +36,13 @@ def decay_mask(params) -> dict:
       lambda p, x: not p.endswith(("scale", "bias")) and getattr(x, "ndim", 2) >= 2, params)
 
 
+def finite_updates(cfg: config_lib.OptimConfig) -> bool:
+  """True when `make(cfg)`'s update is finite whenever the gradients are: AdamW divides by
+  sqrt(nu) + eps, so only eps = 0 can give 0 / 0 (a parameter whose gradient has always
+  been 0). The train step's non-finite guard then needs no update norm (`train/step.py`)."""
+  return cfg.eps > 0
+
+
 def make(cfg: config_lib.OptimConfig, total_steps: int) -> optax.GradientTransformation:
   parts = []
   if cfg.clip_norm > 0:

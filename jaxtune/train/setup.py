@@ -178,7 +178,8 @@ def build(cfg: config_lib.TrainConfig, mesh, params, model_cfg: config_lib.Model
   frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jit_train_step(objective, optimizer, schedule, state_sh, frozen_sh, mesh,
-                              grad_accum=cfg.optim.grad_accum)
+                              grad_accum=cfg.optim.grad_accum,
+                              finite_updates=optim.finite_updates(cfg.optim))
   eval_step = jax.jit(step_lib.make_eval_step(objective),
                       in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
   return Run(model_cfg=model_cfg, mesh=mesh, state=state, frozen=frozen, train_step=train_step,
@@ -196,8 +197,10 @@ def state_shardings(optimizer, trainable, trainable_sh, mesh) -> state_lib.Train
 
 
 def jit_train_step(objective, optimizer, schedule, state_sh, frozen_sh, mesh, *,
-                   grad_accum: int):
-  """The jitted train step, state donated (what training runs and the planner compiles)."""
-  step = step_lib.make_train_step(objective, optimizer, schedule, grad_accum=grad_accum)
+                   grad_accum: int, finite_updates: bool):
+  """The jitted train step, state donated (what training runs and the planner compiles).
+  finite_updates: `optim.finite_updates(cfg.optim)` (the step's non-finite guard)."""
+  step = step_lib.make_train_step(objective, optimizer, schedule, grad_accum=grad_accum,
+                                  finite_updates=finite_updates)
   return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))

@@ -10,8 +10,14 @@ the result equals the full-batch step. No host synchronisation happens inside.
 Non-finite guard: when the loss, the gradient norm or the update norm is not finite, the
 step keeps the trainable params and the optimizer state (moments and count) as they were,
 selected inside the jitted step (`jnp.where`, no host round trip), and reports
-`skipped` = 1. `state.step` counts APPLIED updates (it is the schedule's position, like the
-optimizer's own count); the rng advances either way. The loop counts consecutive skips
+`skipped` = 1. With `finite_updates` (AdamW with eps > 0, whose update is finite whenever
+the gradients are) the update norm is not checked: the verdict is then known before the
+update, so XLA can fuse the select into the optimizer's own elementwise pass. Checking the
+update norm needs every new param and moment written beside the old ones before the
+select (one H200, 1B full FT: select kernels took ~6 ms of a 240 ms step; without the
+update norm the step ran 1.7% faster, 67,784 -> 68,961 tokens/s in one call).
+`state.step` counts APPLIED updates (it is the schedule's position, like the optimizer's
+own count); the rng advances either way. The loop counts consecutive skips
 and stops after `train.max_skipped` of them (`jaxtune/train/loop.py`).
 """
 
@@ -43,8 +49,12 @@ def _reduce(metrics: dict) -> dict:
 
 
 def make_train_step(objective: Callable, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, grad_accum: int = 1):
-  """Builds train_step(state, frozen, batch) -> (state, metrics dict of float32 scalars)."""
+                    schedule: optax.Schedule, *, grad_accum: int = 1,
+                    finite_updates: bool = False):
+  """Builds train_step(state, frozen, batch) -> (state, metrics dict of float32 scalars).
+
+  finite_updates: the optimizer's update is finite whenever loss and gradients are (see
+  the module docstring), so the guard needs no update norm."""
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def train_step(state: state_lib.TrainState, frozen, batch):
@@ -68,10 +78,12 @@ def make_train_step(objective: Callable, optimizer: optax.GradientTransformation
     denom = jnp.maximum(weight, 1e-9)
     grads = jax.tree_util.tree_map(lambda g, p: (g / denom.astype(g.dtype)).astype(p.dtype),
                                    grads, state.trainable)
+    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if not finite_updates:
+      ok = ok & jnp.isfinite(optax.tree.norm(updates))
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731  (elementwise, fused)
     trainable = jax.tree_util.tree_map(keep, trainable, state.trainable)
     opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
