@@ -19,7 +19,7 @@ with old -> new (config.ConfigError, so the launcher exits 2):
 Safe keys proceed (logged): train.max_steps / log_every / eval_every / eval_batches /
 early_stopping_patience / max_skipped / progress, checkpoint.*, mesh.* (restoring onto
 another mesh or device count works: orbax reshards into the current shardings), the
-compute options model.dtype / remat / attention / scan_layers / logits_chunk, the
+compute options model.dtype / remat / attention / scan_layers / logits_chunk / moe_impl, the
 micro-batching keys optim.grad_accum / train.micro_batch / device_memory_gib /
 memory_margin (accumulation gives the full-batch update, so a planner that picks another
 micro-batch on another machine changes nothing but rounding), train.epochs (like
@@ -54,7 +54,7 @@ _log = logging.getLogger("jaxtune")
 SAFE_KEYS = ("train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.early_stopping_patience", "train.max_skipped", "train.progress",
              "model.dtype", "model.remat", "model.attention", "model.scan_layers",
-             "model.logits_chunk", "optim.grad_accum", "train.micro_batch",
+             "model.logits_chunk", "model.moe_impl", "optim.grad_accum", "train.micro_batch",
              "train.device_memory_gib", "train.memory_margin", "train.epochs",
              "data.streaming", "data.cache_dir", "data.workers")
 SAFE_SECTIONS = ("checkpoint", "mesh")
@@ -145,7 +145,8 @@ def is_safe(key: str, method: str) -> bool:
 
 def _arch_keys(model: dict) -> set[str]:
   return {f"model.{k}" for k in model} - {f"model.{k}" for k in (
-      "hf_path", "dtype", "param_dtype", "remat", "attention", "scan_layers", "logits_chunk")}
+      "hf_path", "dtype", "param_dtype", "remat", "attention", "scan_layers", "logits_chunk",
+      "moe_impl")}
 
 
 def _canonical(cfg_dict: dict) -> dict:
