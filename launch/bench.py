@@ -252,13 +252,23 @@ def _config_str(r: dict) -> str:
           f"{'' if m.get('scan_layers', True) else ' unrolled'}{extra}")
 
 
+def peer_row(results: list[dict], r: dict, fw: str) -> dict | None:
+  """The row `r` is compared with: framework `fw` (torch | torch_compile), or on a mesh its
+  DDP / FSDP2 run, of the same workload and sequence length. When both of those ran, the
+  one that shards like `r`: FSDP2 for a mesh with fsdp > 1, DDP otherwise."""
+  rows = {p["framework"]: p for p in results
+          if p["framework"] in (fw, fw + "_ddp", fw + "_fsdp") and p.get("status") == "ok"
+          and (p["workload"], p["seq"]) == (r["workload"], r["seq"])}
+  if fw in rows:
+    return rows[fw]
+  fsdp = (r.get("mesh") or {}).get("fsdp", 1) > 1
+  order = (fw + "_fsdp", fw + "_ddp") if fsdp else (fw + "_ddp", fw + "_fsdp")
+  return next((rows[f] for f in order if f in rows), None)
+
+
 def table(results: list[dict]) -> str:
   """The printed table: one row per run, the ratio against the peer's row of the same
   workload and sequence length."""
-  # a mesh's peer is torch_ddp or torch_fsdp (when both ran: the later row)
-  peers = {fw: {(r["workload"], r["seq"]): r for r in results
-                if r["framework"] in (fw, fw + "_ddp", fw + "_fsdp") and r.get("status") == "ok"}
-           for fw in ("torch", "torch_compile")}
   head = ("workload", "seq", "framework", "config", "tokens/s", "TFLOP/s", "MFU", "peak GiB",
           "vs peer", "vs compiled")
   rows = [head]
@@ -267,7 +277,7 @@ def table(results: list[dict]) -> str:
     ok = r.get("status") == "ok"
     ratios = []
     for fw in ("torch", "torch_compile"):
-      p = peers[fw].get((r["workload"], r["seq"]))
+      p = peer_row(results, r, fw)
       ratios.append(f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}x"
                     if ok and p and r["framework"] == "jaxtune" else "")
     label = f"{shape} {METHOD_NAMES[method]}" + ("" if data == "synthetic" else f" {data}")

@@ -120,6 +120,22 @@ def test_table_ratios_and_goal_verdicts():
   assert "8B LoRA r16 seq 4096: peak 24.0 GiB, peer: oom" in verdicts
 
 
+def test_a_mesh_row_is_compared_with_the_peer_that_shards_like_it():
+  """torch_ddp and torch_fsdp both ran: an fsdp=2 row takes FSDP2 (200/100 = 2.00x), a
+  data=2 row DDP (200/160 = 1.25x), whatever their order in the results."""
+  rows = [_result("1b_full", "jaxtune", 200.0, mesh=mesh, variant=name)
+          for name, mesh in (("f", {"data": 1, "fsdp": 2, "tensor": 1}),
+                             ("d", {"data": 2, "fsdp": 1, "tensor": 1}))]
+  for peers in ([_result("1b_full", "torch_fsdp", 100.0), _result("1b_full", "torch_ddp", 160.0)],
+                [_result("1b_full", "torch_ddp", 160.0), _result("1b_full", "torch_fsdp", 100.0)]):
+    results = peers + rows
+    assert bench.peer_row(results, rows[0], "torch")["framework"] == "torch_fsdp"
+    assert bench.peer_row(results, rows[1], "torch")["framework"] == "torch_ddp"
+    assert bench.peer_row(results, rows[0], "torch_compile") is None
+    got = [[c.strip() for c in line.split("|")] for line in bench.table(results).splitlines()[2:]]
+    assert [r[-2] for r in got if r[2] == "jaxtune"] == ["2.00x", "1.25x"]
+
+
 def test_profile_kernel_kinds_and_idle_time():
   """The profile's kinds from kernel names the H200 trace gives (cuBLAS nvjet, XLA's Triton
   GEMM fusions, cuDNN attention, XLA loop/reduce fusions, NCCL), and the busiest stream's
