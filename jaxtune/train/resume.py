@@ -47,14 +47,18 @@ import os
 
 from jaxtune import checkpoint as checkpoint_lib
 from jaxtune import config as config_lib
+from jaxtune import weights
 from jaxtune.hf import io as hf_io
 
 _log = logging.getLogger("jaxtune")
 
+# Compute options (weights.COMPUTE_OPTIONS) other than the base weights (model.hf_path,
+# compared by content) and the master weights' precision (model.param_dtype, meaning).
+_COMPUTE_KEYS = tuple(f"model.{k}" for k in weights.COMPUTE_OPTIONS
+                      if k not in ("hf_path", "param_dtype"))
 SAFE_KEYS = ("train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches",
              "train.early_stopping_patience", "train.max_skipped", "train.progress",
-             "model.dtype", "model.remat", "model.attention", "model.scan_layers",
-             "model.logits_chunk", "model.moe_impl", "optim.grad_accum", "train.micro_batch",
+             *_COMPUTE_KEYS, "optim.grad_accum", "train.micro_batch",
              "train.device_memory_gib", "train.memory_margin", "train.epochs",
              "data.streaming", "data.cache_dir", "data.workers")
 SAFE_SECTIONS = ("checkpoint", "mesh")
@@ -144,9 +148,7 @@ def is_safe(key: str, method: str) -> bool:
 
 
 def _arch_keys(model: dict) -> set[str]:
-  return {f"model.{k}" for k in model} - {f"model.{k}" for k in (
-      "hf_path", "dtype", "param_dtype", "remat", "attention", "scan_layers", "logits_chunk",
-      "moe_impl")}
+  return {f"model.{k}" for k in model} - {f"model.{k}" for k in weights.COMPUTE_OPTIONS}
 
 
 def _canonical(cfg_dict: dict) -> dict:
