@@ -4,7 +4,8 @@
   python launch/convert.py --from_checkpoint=runs/lora --to_hf=out/adapter --peft
 
 Only the adapters are trained, hold optimizer state and are checkpointed; the base stays a
-frozen argument of the step. The run's own export writes WORKDIR/hf (merged model) and
+frozen argument of the step. model.remat=auto: the fastest remat policy that fits the
+device, which the memory planner finds by compiling the step at start-up. The run's own export writes WORKDIR/hf (merged model) and
 WORKDIR/hf_adapter (the PEFT adapter).
 """
 
@@ -15,7 +16,7 @@ def get_config(arg=None):
   return config.TrainConfig(
       method="sft",
       model=config.ModelConfig(hf_path=arg or "Qwen/Qwen2.5-1.5B-Instruct", dtype="bfloat16",
-                               param_dtype="bfloat16", remat="dots_no_batch",
+                               param_dtype="bfloat16", remat="auto",
                                logits_chunk=2048),
       peft=config.PeftConfig(method="lora", rank=16, alpha=32.0),
       optim=config.OptimConfig(lr=2e-4, warmup_steps=30, schedule="cosine"),

@@ -5,7 +5,10 @@
 
 The argument is the model (local dir or hub id). Loss on every assistant turn, packed rows
 of 2048 tokens, bf16 compute over float32 master weights, cuDNN attention on GPU, FSDP over
-all devices. Without data.train_files it trains on the bundled chat sample.
+all devices. model.remat=auto: the memory planner compiles the step once at start-up and
+takes the fastest remat policy that fits the device (dots_no_batch, else full, with
+scanned layers; none first with model.scan_layers=false). Without
+data.train_files it trains on the bundled chat sample.
 """
 
 from jaxtune import config
@@ -15,7 +18,7 @@ def get_config(arg=None):
   return config.TrainConfig(
       method="sft",
       model=config.ModelConfig(hf_path=arg or "meta-llama/Llama-3.2-1B-Instruct",
-                               dtype="bfloat16", param_dtype="float32", remat="dots_no_batch",
+                               dtype="bfloat16", param_dtype="float32", remat="auto",
                                logits_chunk=2048),
       optim=config.OptimConfig(lr=1e-5, warmup_steps=50, schedule="cosine", weight_decay=0.0,
                                clip_norm=1.0),

@@ -96,7 +96,7 @@ class ModelConfig:
   hf_path: str = ""  # HF dir, hub id, .gguf, run or checkpoint dir; "" = random init
   dtype: str = "float32"  # activation / matmul dtype: float32 | bfloat16
   param_dtype: str = "float32"  # storage dtype of params (and master weights)
-  remat: str = "none"  # none | full | dots | dots_no_batch | offload
+  remat: str = "none"  # none | full | dots | dots_no_batch | offload | auto (train/memory.py)
   attention: str = "auto"  # auto | xla | cudnn | pallas | splash (models/attention.py)
   scan_layers: bool = True  # lax.scan over the stacked layers (fast compiles)
   # >0: the output head scores this many tokens at a time. Training: tokens of the global

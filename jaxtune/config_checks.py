@@ -19,7 +19,7 @@ from jaxtune import config_tree
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch", "offload"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch", "offload", "auto"),
     "model.attention": ("auto", "xla", "cudnn", "pallas", "splash"),
     "model.rope_scaling.kind": ("none", "llama3", "linear", "longrope"),
     "model.hidden_act": ("silu", "gelu_pytorch_tanh"),

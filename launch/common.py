@@ -51,6 +51,11 @@ def define_runtime_flags():
   flags.DEFINE_integer("local_device_count", None, "CPU only: simulate this many devices.")
   flags.DEFINE_bool("verbose", False, "On an error, show the full traceback instead of the "
                     "one-line message.")
+  flags.DEFINE_string("compile_cache", "auto", "XLA's persistent compilation cache: a directory "
+                      "(local or a bucket), 'off', or 'auto': $JAX_COMPILATION_CACHE_DIR or "
+                      "~/.cache/jaxtune/xla on GPU / TPU, off on CPU. A step compiled once (by "
+                      "the memory planner, an earlier run, or before a resume) is loaded, not "
+                      "compiled again.")
 
 
 def _cluster_detected() -> bool:
@@ -93,7 +98,28 @@ def setup_runtime() -> None:
       kwargs = dict(coordinator_address=FLAGS.coordinator_address,
                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     jax.distributed.initialize(**kwargs)
+  compile_cache(FLAGS.compile_cache)
   logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def compile_cache(where: str) -> str | None:
+  """Turns on XLA's persistent compilation cache (`--compile_cache`); returns its directory.
+
+  Keyed by the program, its shardings and the compiler, so a hit is the same executable:
+  the train step the memory planner compiles (model.remat=auto, train.micro_batch=auto) is
+  then the one the run loads, and a resumed or repeated run skips its compiles. 'auto' leaves
+  CPU off (its compiles are short; the test suite runs there).
+  """
+  import jax
+  if where == "auto":
+    if jax.default_backend() == "cpu":
+      return None
+    where = (os.environ.get("JAX_COMPILATION_CACHE_DIR")
+             or os.path.join(os.path.expanduser("~"), ".cache", "jaxtune", "xla"))
+  if where in ("", "off"):
+    return None
+  jax.config.update("jax_compilation_cache_dir", where)
+  return where
 
 
 def recipes_dir() -> pathlib.Path:

@@ -44,8 +44,8 @@ def _cfg(name: str, smoke: bool, **data):
 
 
 def _host_batch(cfg, mesh, vocab: int) -> dict:
-  from jaxtune.train import memory
-  shapes = memory.abstract_batch(cfg, "sft", mesh)
+  from jaxtune.train import abstract_job
+  shapes = abstract_job.abstract_batch(cfg, "sft", mesh)
   rng = np.random.default_rng(0)
   b, t = shapes["tokens"].shape
   seq = rng.integers(0, vocab, (b, t + 1)).astype(np.int32)
@@ -90,11 +90,12 @@ def _real_run(cfg, model_cfg, mesh, steps: int) -> dict:
 
 
 def _predicted_vs_measured(name: str, smoke: bool) -> dict:
+  from jaxtune.train import abstract_job
   from jaxtune.train import memory
   cfg = _cfg(name, smoke)
   t0 = time.perf_counter()
   p = memory.plan(cfg)
-  job = memory.build(cfg)
+  job = abstract_job.build(cfg)
   row = {"workload": name, "predicted": p["total"], "per_device": p["per_device"],
          "xla": p["xla"], "limit": p["limit"], "verdict": p["verdict"],
          "plan_s": round(time.perf_counter() - t0, 1)}
@@ -108,6 +109,7 @@ def _auto_check(smoke: bool) -> dict:
   """train.micro_batch=auto on 1B LoRA (scanned layers: quick compiles) with a batch of 64
   rows of 2048 tokens and no remat; runs the choice and tries the next larger micro-batch."""
   import jax
+  from jaxtune.train import abstract_job
   from jaxtune.train import memory
   cfg = _cfg("1b_lora", smoke, batch_size=8 if smoke else 64)
   model = dataclasses.replace(cfg.model, scan_layers=True, remat="none")
@@ -115,7 +117,7 @@ def _auto_check(smoke: bool) -> dict:
   cfg = dataclasses.replace(cfg, model=model, train=dataclasses.replace(
       cfg.train, micro_batch="auto", **limit))
   p = memory.plan(cfg)
-  job = memory.build(cfg)
+  job = abstract_job.build(cfg)
   out = {"batch_size": cfg.data.batch_size, "chosen": p["micro_batch"],
          "grad_accum": p["grad_accum"], "predicted": p["total"], "limit": p["limit"],
          "tried": p["tried"]}

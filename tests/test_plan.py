@@ -14,6 +14,7 @@ from configs import tiny_test
 from jaxtune import config as config_lib
 from jaxtune import sharding
 from jaxtune.train import loop
+from jaxtune.train import abstract_job
 from jaxtune.train import memory
 from jaxtune.train import setup
 from tests import launch_utils as lu
@@ -50,7 +51,7 @@ def test_abstract_job_is_the_real_job(sets):
   compiled step equals the plan's."""
   cfg = _cfg(*sets)
   job = setup.prepare(cfg)
-  abstract = memory.build(cfg, mesh=job.run.mesh)
+  abstract = abstract_job.build(cfg, mesh=job.run.mesh)
   assert _layout(abstract.state) == _layout(job.run.state)
   assert _layout(abstract.frozen) == _layout(job.run.frozen)
   host = next(iter(job.data.train))
@@ -135,7 +136,7 @@ def test_plan_reads_no_weights_or_data_and_auto_keeps_batch_and_losses(tmp_path)
 
   # The limit sits between the planner's peaks for micro-batch 8 and 4 (2 devices, fsdp).
   tiny = config_lib.override(tiny_test.get_config(), ["train.eval_every=0"])
-  job = memory.build(tiny, mesh=sharding.make_mesh(tiny.mesh, devices=jax.devices()[:2]))
+  job = abstract_job.build(tiny, mesh=sharding.make_mesh(tiny.mesh, devices=jax.devices()[:2]))
   peaks = {a: memory.estimate(job, a)["total"] for a in (1, 2)}
   assert peaks[1] > peaks[2]
   limit_gib = (peaks[1] + peaks[2]) / 2 / 2**30
@@ -156,3 +157,86 @@ def test_plan_reads_no_weights_or_data_and_auto_keeps_batch_and_losses(tmp_path)
   a, b = lu.losses(ref), lu.losses(auto)
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+REMAT_SETS = ("mesh.data=1", "mesh.fsdp=-1", "model.vocab_size=512", "model.scan_layers=false")
+
+
+def _auto_remat(limit_bytes: float, *sets: str) -> config_lib.TrainConfig:
+  return _cfg(*REMAT_SETS, "model.remat=auto", f"train.device_memory_gib={limit_bytes / 2**30!r}",
+              "train.memory_margin=0", *sets)
+
+
+def test_remat_auto_takes_the_fastest_policy_that_fits(tmp_path, capsys):
+  """model.remat=auto (unrolled layers) against each policy's peak, compiled on its own: a
+  limit between two peaks takes the first policy under it (none -> dots_no_batch -> full),
+  the plan lists the policies tried, and resolve() puts the policy into the run's config.
+  Scanned layers never try none (measured slower than dots_no_batch there)."""
+  assert memory.remat_choices(_cfg().model) == ("dots_no_batch", "full")  # scanned (default)
+  peaks = {r: memory.estimate(abstract_job.build(_cfg(*REMAT_SETS, f"model.remat={r}")), 1)["total"]
+           for r in ("none", "dots_no_batch", "full")}
+  assert peaks["none"] > peaks["dots_no_batch"] > peaks["full"]
+
+  p = memory.plan(_auto_remat(peaks["none"] + 4096))
+  assert p["model"]["remat"] == "none" and p["remat_setting"] == "auto"
+  assert [e["remat"] for e in p["remat_tried"]] == ["none"]
+
+  between = (peaks["none"] + peaks["dots_no_batch"]) / 2
+  p = memory.plan(_auto_remat(between))
+  assert p["model"]["remat"] == "dots_no_batch" and p["total"] == peaks["dots_no_batch"]
+  assert [(e["remat"], e["fits"], e["total"]) for e in p["remat_tried"]] == [
+      ("none", False, peaks["none"]), ("dots_no_batch", True, peaks["dots_no_batch"])]
+  assert p["verdict"].startswith("fits")
+  text = memory.plan_lib.report(p)
+  assert "remat dots_no_batch (model.remat=auto)" in text
+  assert "tried      model.remat=none at micro-batch 8" in text and "-> too big" in text
+
+  p = memory.plan(_auto_remat(peaks["full"] - 4096))  # nothing fits: the least memory, said so
+  assert p["model"]["remat"] == "full" and p["verdict"].startswith("does not fit")
+  assert [e["fits"] for e in p["remat_tried"]] == [False, False, False]
+
+  cfg = memory.resolve(_auto_remat(between), str(tmp_path / "gpu"))
+  assert cfg.model.remat == "dots_no_batch" and cfg.optim.grad_accum == 1
+  assert json.load(open(tmp_path / "gpu" / "plan.json"))["model"]["remat"] == "dots_no_batch"
+  assert "model.remat=auto: dots_no_batch; predicted peak" in capsys.readouterr().out
+  # No device limit (CPU): none, planned against nothing.
+  cfg = memory.resolve(_cfg(*REMAT_SETS, "model.remat=auto"), str(tmp_path / "cpu"))
+  assert cfg.model.remat == "none" and not os.path.exists(tmp_path / "cpu" / "plan.json")
+  assert "model.remat=auto: none (no device memory limit known" in capsys.readouterr().out
+  scanned = _cfg("mesh.data=1", "mesh.fsdp=-1", "model.vocab_size=512", "model.remat=auto")
+  assert memory.resolve(scanned, str(tmp_path / "cpu2")).model.remat == "dots_no_batch"
+  p = memory.plan(dataclasses.replace(scanned, train=dataclasses.replace(
+      scanned.train, device_memory_gib=1.0)))
+  assert p["model"]["remat"] == "dots_no_batch" and len(p["remat_tried"]) == 1
+  with pytest.raises(config_lib.ConfigError, match="model.remat=auto.*method=distill"):
+    memory.resolve(_cfg("model.remat=auto", "method=distill", "distill.teacher_path=/nonexistent",
+                        "train.device_memory_gib=1"), str(tmp_path / "d"))
+
+
+def test_remat_auto_with_micro_batch_auto_keeps_the_device_busy(monkeypatch):
+  """Both auto: a policy is taken when its micro-batch is the whole batch or holds
+  MIN_MICRO_TOKENS tokens per device; otherwise the policy that fits the most rows (the
+  least recompute on ties). The searches are stood in for: only the choice is tested here."""
+  found = {}  # remat -> the micro-batch its search finds (None: nothing fits)
+
+  def fit(job, limit, margin):
+    m = found[job.model_cfg.remat]
+    if m is None:
+      return None, [{"micro_batch": 1, "grad_accum": 32, "total": 9, "fits": False}]
+    est = {"micro_batch": m, "grad_accum": 32 // m, "total": 1, "fits": True}
+    return est, [est]
+  monkeypatch.setattr(memory, "_fit", fit)
+  cfg = _cfg(*REMAT_SETS, "model.remat=auto", "train.micro_batch=auto", "data.batch_size=32",
+             "data.seq_len=2048", "train.device_memory_gib=1")
+  # 8 batch shards: micro-batch 32 = 4 rows of 2048 per device = 8192 tokens, enough.
+  for case, want in [({"none": 32, "dots_no_batch": 32, "full": 32}, "none"),
+                     ({"none": 16, "dots_no_batch": 32, "full": 32}, "dots_no_batch"),
+                     ({"none": None, "dots_no_batch": 16, "full": 32}, "full")]:
+    found.update(case)
+    p = memory.plan(cfg)
+    assert p["model"]["remat"] == want and p["micro_batch"] == case[want], case
+  monkeypatch.setattr(memory, "MIN_MICRO_TOKENS", 10**9)  # never enough: the most rows wins
+  found.update({"none": 8, "dots_no_batch": 16, "full": 16})
+  p = memory.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=64)))
+  assert p["model"]["remat"] == "dots_no_batch" and len(p["remat_tried"]) == 3
+

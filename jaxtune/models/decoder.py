@@ -118,8 +118,8 @@ def _remat(fn, policy: str, *, scanned: bool = True):
   it XLA merges the recomputation into the forward and keeps every activation alive, i.e.
   silently no remat (seen on an H200: 8B LoRA at seq 4096 took 101 GiB instead of 24).
   """
-  if policy == "none":
-    return fn
+  if policy in ("none", "auto"):  # auto: the trainer's planner resolves it (train/memory.py);
+    return fn                     # a forward pass (eval, sampling) keeps its activations anyway
   policies = {
       "full": None,
       "dots": jax.checkpoint_policies.checkpoint_dots,

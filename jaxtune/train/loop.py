@@ -317,7 +317,7 @@ def train(cfg: config_lib.TrainConfig, workdir: str, allow_changed=()) -> dict:
   """
   workdir = checkpoint_lib.local_workdir(workdir)
   ckpt, guard, identity = _guard(cfg, workdir, allow_changed)
-  cfg = memory.resolve_micro_batch(cfg, workdir)  # train.micro_batch -> optim.grad_accum
+  cfg = memory.resolve(cfg, workdir)  # micro_batch -> grad_accum, remat=auto -> policy
   job = setup.prepare(cfg)  # checks first, then mesh, tokenizer, data, weights, steps
   cfg = job.cfg  # with resolved paths
   job.ctx.workdir = workdir

@@ -1,17 +1,16 @@
 """The memory planner: compile the real train step ahead of time, with no weights and no
-data, and say per device what it needs; pick the largest micro-batch that fits.
+data, and say per device what it needs; pick the largest micro-batch that fits, and the
+fastest remat policy that fits.
 
     p = memory.plan(cfg)                 # launch/train.py --plan
-    print(memory.plan_lib.report(p))              # params, optimizer, gradients, activations, total
-    cfg = memory.resolve_micro_batch(cfg, workdir)   # train.micro_batch=auto | N
+    print(memory.plan_lib.report(p))     # params, optimizer, gradients, activations, total
+    cfg = memory.resolve(cfg, workdir)   # train.micro_batch=auto | N, model.remat=auto
 
-The state, the frozen trees and the batch are `jax.ShapeDtypeStruct`s with the run's
-shardings (params from `decoder.init`'s shapes, 4-bit leaves from quantising those shapes,
-adapters from the PEFT method's `init` traced with `jax.eval_shape`, the batch from the
-loader's own assembly of padding rows), so the program compiled here is the one
-`setup.build` jits for the run (`setup.jit_train_step`, same shardings and donation) on the
-configured mesh. XLA's `compiled.memory_analysis()` is per device: the predicted peak is
-the inputs (state, frozen trees, batch) + outputs - donated aliases + temporaries. The split into params, optimizer
+The state, the frozen trees and the batch come from `abstract_job.build` (ShapeDtypeStructs
+with the run's shardings), so the program compiled here is the one `setup.build` jits for
+the run (`setup.jit_train_step`, same shardings and donation) on the configured mesh. XLA's
+`compiled.memory_analysis()` is per device: the predicted peak is the inputs (state, frozen
+trees, batch) + outputs - donated aliases + temporaries. The split into params, optimizer
 state and batch is exact (bytes of each leaf's shard); the gradients are an estimate (the
 trainable leaves' shard bytes, plus float32 accumulators with gradient accumulation) that
 lives inside XLA's temporaries, and activations are the rest of the temporaries.
@@ -22,6 +21,15 @@ bytes and no verdict. `train.micro_batch=auto` keeps `data.batch_size` (the glob
 and searches, by bisection over the micro-batches that split evenly over the batch shards,
 for the largest whose peak stays under (1 - train.memory_margin) x the limit, then sets
 `optim.grad_accum` to match (accumulation is exact: the same update as the full batch).
+
+`model.remat=auto` tries the remat policies fastest first (REMAT_CHOICES: none, dots_no_batch,
+full with unrolled layers; dots_no_batch, full with scanned ones, where no remat was measured
+slower) and takes the first with which the step fits; with
+`train.micro_batch=auto` too, the first whose micro-batch is the whole batch or holds at least
+MIN_MICRO_TOKENS tokens per device (else the one that fits the most rows). Remat changes
+only what the backward pass recomputes, never the update. With no device limit (CPU) it is
+the fastest. Each policy tried costs one compile (a bisection, with micro_batch=auto).
+
 Methods planned: sft, dpo (reference frozen, adapters_off or none) and reward; distill
 (a teacher to load) and grpo (rollouts) are refused with a one-line error.
 """
@@ -29,172 +37,29 @@ Methods planned: sft, dpo (reference frozen, adapters_off or none) and reward; d
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
-import types
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxtune import config as config_lib
-from jaxtune import data as data_lib
-from jaxtune import methods
-from jaxtune import peft
-from jaxtune import quant
 from jaxtune import sharding
-from jaxtune import weights
-from jaxtune.data import packing
-from jaxtune.models import decoder
-from jaxtune.peft import qlora
+from jaxtune.train import abstract_job
 from jaxtune.train import optim
 from jaxtune.train import plan as plan_lib
 from jaxtune.train import setup
-from jaxtune.train import state as state_lib
 
 _log = logging.getLogger("jaxtune")
-PLANNED_METHODS = ("sft", "dpo", "reward")
-
-
-@dataclasses.dataclass
-class Abstract:
-  """A run's train-step inputs as ShapeDtypeStructs with shardings, and what jits it."""
-  cfg: config_lib.TrainConfig
-  model_cfg: config_lib.ModelConfig
-  mesh: Any
-  state: state_lib.TrainState
-  frozen: dict
-  batch: dict
-  objective: Any
-  optimizer: Any
-  schedule: Any
-  state_sh: Any
-  frozen_sh: Any
-
-
-def _sds(x, sh):
-  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
-
-
-def _abstract_of(tree):
-  """Concrete arrays -> ShapeDtypeStructs with their shardings (abstract leaves kept)."""
-  return jax.tree_util.tree_map(lambda x: _sds(x, x.sharding), tree)
-
-
-def _placed(fn, *args):
-  """fn(*args) as ShapeDtypeStructs with the shardings XLA gives its outputs (a traced
-  copy of sharded params keeps their shardings), computing nothing."""
-  shapes = jax.eval_shape(fn, *args)
-  if not jax.tree_util.tree_leaves(shapes):
-    return shapes
-  out_sh = jax.jit(fn).lower(*args).compile().output_shardings
-  return jax.tree_util.tree_map(_sds, shapes, out_sh)
-
-
-def abstract_params(cfg: config_lib.TrainConfig, model_cfg, mesh):
-  """The base params a run loads, abstract and sharded (4-bit QArrays for QLoRA)."""
-  shapes = jax.eval_shape(functools.partial(decoder.init, model_cfg), jax.random.PRNGKey(0))
-  q = weights.quant_for(cfg)
-  if q is not None:
-    shapes = jax.eval_shape(functools.partial(
-        qlora.quantize_params, method=q.method, group_size=q.group_size,
-        double_quant=q.double_quant), shapes)
-  axes = quant.tree_axes(shapes, decoder.axes(model_cfg))
-  return jax.tree_util.tree_map(_sds, shapes, sharding.tree_shardings(mesh, axes, shapes))
-
-
-def abstract_batch(cfg: config_lib.TrainConfig, kind: str, mesh, pad_id: int = 0) -> dict:
-  """The global batch's keys, shapes and dtypes, from the loader's assembly of padding rows."""
-  b, t = cfg.data.batch_size, cfg.data.seq_len
-  if kind == "sft":
-    host = packing.assemble([[] for _ in range(b)], t, pad_id)
-  else:
-    host = packing.assemble_pairs([None] * b, t, pad_id)
-  sh = sharding.batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in host.items()}
-
-
-def _check_method(cfg: config_lib.TrainConfig):
-  method = methods.check(cfg)
-  if cfg.method not in PLANNED_METHODS:
-    raise config_lib.ConfigError(
-        f"the memory planner (--plan, train.micro_batch=auto) does not plan method="
-        f"{cfg.method} yet (a teacher to load or rollouts to sample); planned: "
-        f"{', '.join(PLANNED_METHODS)}; set train.micro_batch to a number instead")
-  if cfg.method == "dpo" and cfg.dpo.reference == "precomputed":
-    raise config_lib.ConfigError(
-        "the memory planner cannot plan dpo.reference=precomputed (the table is computed "
-        "from the data); plan with dpo.reference=frozen or adapters_off")
-  return method
-
-
-def _data_standin(cfg: config_lib.TrainConfig, tokenizer):
-  """What the method hooks read from ctx.data, without reading any record."""
-  n = len([s for s in cfg.data.train_files.split(",") if s.strip()]) or 1
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return types.SimpleNamespace(source_names=tuple(f"source{i}" for i in range(n)),
-                               train=types.SimpleNamespace(pad_id=int(pad)), eval=[])
-
-
-def build(cfg: config_lib.TrainConfig, *, mesh=None, tokenizer=None) -> Abstract:
-  """The abstract job of `cfg` (checks first, like setup.prepare; no weights, no data)."""
-  method = _check_method(cfg)
-  cfg = config_lib.resolve_paths(cfg)
-  mesh = mesh or sharding.make_mesh(cfg.mesh)
-  tokenizer = tokenizer or data_lib.tokenizer_from_config(cfg)
-  model_cfg, _ = plan_lib.architecture(cfg, tokenizer)
-  params = abstract_params(cfg, model_cfg, mesh)
-  adapters = adapter_axes = None
-  if cfg.peft.method != "none":
-    pm = peft.get(cfg.peft.method)
-    adapters = jax.eval_shape(lambda p: pm.init(model_cfg, p, cfg.peft, jax.random.PRNGKey(0)),
-                              params)
-    adapter_axes = pm.axes(model_cfg, adapters).params
-  data = _data_standin(cfg, tokenizer)
-  ctx = methods.Context(cfg=cfg, model_cfg=model_cfg, mesh=mesh, params=params,
-                        adapters=adapters, tokenizer=tokenizer, data=data)
-  extra = method.extra_trainable(ctx)
-  if extra is not None:  # a reward head: small real arrays, made abstract
-    trees, axes = extra
-    trees = _abstract_of(trees)
-    if adapters is None:
-      params = {**params, **trees}
-    else:
-      adapters = dataclasses.replace(adapters, params={**adapters.params, **trees})
-      adapter_axes = {**adapter_axes, **axes}
-    ctx = dataclasses.replace(ctx, params=params, adapters=adapters)
-  frozen_extra = _placed(lambda p: method.frozen(dataclasses.replace(ctx, params=p)), params)
-  if adapters is None:
-    trainable, frozen = params, {}
-  else:
-    sh = sharding.tree_shardings(mesh, adapter_axes, adapters.params)
-    trainable, frozen = jax.tree_util.tree_map(_sds, adapters.params, sh), {"base": params}
-  frozen = {**frozen, **frozen_extra}
-  optimizer = optim.make(cfg.optim, cfg.train.max_steps)
-  trainable_sh = jax.tree_util.tree_map(lambda x: x.sharding, trainable)
-  state_sh = setup.state_shardings(optimizer, trainable, trainable_sh, mesh)
-  opt = jax.tree_util.tree_map(_sds, jax.eval_shape(optimizer.init, trainable),
-                               state_sh.opt_state)
-  rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  state = state_lib.TrainState(step=_sds(jax.ShapeDtypeStruct((), jnp.int32), state_sh.step),
-                               trainable=trainable, opt_state=opt, rng=_sds(rng, state_sh.rng))
-  return Abstract(cfg=cfg, model_cfg=model_cfg, mesh=mesh, state=state, frozen=frozen,
-                  batch=abstract_batch(cfg, method.data_kind, mesh, data.train.pad_id),
-                  objective=method.objective(ctx), optimizer=optimizer,
-                  schedule=optim.schedule(cfg.optim, cfg.train.max_steps), state_sh=state_sh,
-                  frozen_sh=jax.tree_util.tree_map(lambda x: x.sharding, frozen))
-
-
-def device_bytes(tree) -> int:
-  """Bytes of one device's shards of an abstract (or concrete) tree (the largest shard)."""
-  total = 0
-  for x in jax.tree_util.tree_leaves(tree):
-    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
-    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
-  return total
+Abstract = abstract_job.Abstract
+device_bytes = abstract_job.device_bytes
+# model.remat=auto tries these in order, fastest first (measured on one H200, Llama-3.2-1B
+# shape, packed chat, batch 8 x 2048, docs/BENCHMARKS.md): unrolled layers run fastest with no
+# remat; scanned layers run faster with dots_no_batch (63.0k tokens/s) than with none (58.8k:
+# the scan then stores every elementwise output of every layer), so none is not tried there.
+REMAT_CHOICES = {"unrolled": ("none", "dots_no_batch", "full"), "scanned": ("dots_no_batch", "full")}
+MIN_MICRO_TOKENS = 8192  # remat=auto with micro_batch=auto: tokens per device per micro-step
 
 
 def estimate(job: Abstract, grad_accum: int) -> dict:
@@ -250,7 +115,7 @@ def verdict(total: int, limit: int | None, margin: float) -> str:
   if total <= limit:
     return f"tight: fits, but inside the train.memory_margin={margin:g} reserve"
   return (f"does not fit: {plan_lib.gib(total - limit)} short; try train.micro_batch=auto, "
-          "model.remat=full, a smaller data.seq_len or more fsdp devices")
+          "model.remat=auto, a smaller data.seq_len or more fsdp devices")
 
 
 def batch_shards(mesh) -> int:
@@ -302,30 +167,83 @@ def search(job: Abstract, limit: int, margin: float) -> tuple[dict | None, list[
   return tried[sizes[lo]], sorted(tried.values(), key=lambda e: -e["micro_batch"])
 
 
+def _fit(job: Abstract, limit: int | None, margin: float) -> tuple[dict | None, list[dict]]:
+  """(the estimate of the micro-batch the run takes, with "fits"; None when
+  train.micro_batch=auto finds none; the estimates of the search)."""
+  cfg = job.cfg
+  mb = cfg.train.micro_batch
+  if mb == "auto":
+    return search(job, limit, margin)
+  est = estimate(job, cfg.data.batch_size // int(mb) if mb else cfg.optim.grad_accum)
+  est["fits"] = not limit or est["total"] <= limit * (1 - margin)
+  return est, []
+
+
+def _busy(est: dict | None, job: Abstract) -> bool:
+  """Whether model.remat=auto takes this policy: it fits, and with micro_batch=auto its
+  micro-batch is the whole batch or has MIN_MICRO_TOKENS tokens per device."""
+  if est is None or not est["fits"]:
+    return False
+  cfg = job.cfg
+  rows = est["micro_batch"] // batch_shards(job.mesh)
+  return (cfg.train.micro_batch != "auto" or est["micro_batch"] == cfg.data.batch_size
+          or rows * cfg.data.seq_len >= MIN_MICRO_TOKENS)
+
+
+def remat_choices(model_cfg: config_lib.ModelConfig) -> tuple[str, ...]:
+  """The policies model.remat=auto tries, fastest first, for this layer layout."""
+  return REMAT_CHOICES["scanned" if model_cfg.scan_layers else "unrolled"]
+
+
+def _choose_remat(cfg: config_lib.TrainConfig, mesh, limit: int | None, margin: float):
+  """model.remat=auto: ((job, estimate, search) of the chosen policy, every policy tried as
+  {remat, fits, micro_batch, grad_accum, total}). No limit: the fastest."""
+  attempts, summary = [], []
+  choices = remat_choices(cfg.model)
+  for remat in (choices if limit else choices[:1]):
+    job = abstract_job.build(dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, remat=remat)), mesh=mesh)
+    mesh = job.mesh
+    est, tried = _fit(job, limit, margin)
+    attempts.append((job, est, tried))
+    summary.append({"remat": remat, "fits": bool(est and est["fits"]),
+                    **({k: est[k] for k in ("micro_batch", "grad_accum", "total")} if est else {})})
+    if est is not None:
+      _log.info("plan: model.remat=%s: %s per device at micro-batch %d -> %s", remat,
+                plan_lib.gib(est["total"]), est["micro_batch"],
+                "fits" if est["fits"] else "too big")
+    if _busy(est, job):
+      return attempts[-1], summary
+  # None keeps the device busy: the one that fits the most rows (the faster on ties).
+  fitting = [a for a in attempts if a[1] is not None and a[1]["fits"]]
+  return (max(fitting, key=lambda a: a[1]["micro_batch"]) if fitting else attempts[-1]), summary
+
+
 def plan(cfg: config_lib.TrainConfig, *, mesh=None) -> dict:
   """The plan of `cfg` as a JSON-able dict: per-device bytes, limit, verdict; with
-  train.micro_batch=auto the chosen micro-batch and every one tried."""
-  job = build(cfg, mesh=mesh)
-  cfg = job.cfg
+  train.micro_batch=auto the chosen micro-batch and every one tried; with model.remat=auto
+  the chosen policy and every one tried."""
   limit, margin = device_limit(cfg), cfg.train.memory_margin
-  mb, tried = cfg.train.micro_batch, []
-  if mb == "auto":
-    if not limit:
-      raise config_lib.ConfigError(
-          "train.micro_batch=auto needs a device memory limit: this device "
-          f"({jax.devices()[0].device_kind}) reports none; set train.device_memory_gib")
-    chosen, tried = search(job, limit, margin)
-    if chosen is None:
-      smallest = tried[-1]
-      raise config_lib.ConfigError(
-          f"train.micro_batch=auto: even micro-batch {smallest['micro_batch']} needs "
-          f"{plan_lib.gib(smallest['total'])} per device, over {1 - margin:.0%} of "
-          f"{plan_lib.gib(limit)}; try model.remat=full, a smaller data.seq_len, peft.method=lora "
-          "or more fsdp devices")
-    est = chosen
+  mb = cfg.train.micro_batch
+  if mb == "auto" and not limit:
+    raise config_lib.ConfigError(
+        "train.micro_batch=auto needs a device memory limit: this device "
+        f"({jax.devices()[0].device_kind}) reports none; set train.device_memory_gib")
+  remats = []
+  if cfg.model.remat == "auto":
+    (job, est, tried), remats = _choose_remat(cfg, mesh, limit, margin)
   else:
-    accum = cfg.data.batch_size // int(mb) if mb else cfg.optim.grad_accum
-    est = estimate(job, accum)
+    job = abstract_job.build(cfg, mesh=mesh)
+    est, tried = _fit(job, limit, margin)
+  if est is None:
+    smallest = tried[-1]
+    raise config_lib.ConfigError(
+        f"train.micro_batch=auto: even micro-batch {smallest['micro_batch']} needs "
+        f"{plan_lib.gib(smallest['total'])} per device, over {1 - margin:.0%} of "
+        f"{plan_lib.gib(limit)}; try "
+        + ("" if cfg.model.remat == "auto" else "model.remat=auto, ")
+        + "a smaller data.seq_len, peft.method=lora or more fsdp devices")
+  cfg = job.cfg
   devices = job.mesh.devices.flatten()
   return {
       "method": cfg.method, "peft": cfg.peft.method,
@@ -336,35 +254,42 @@ def plan(cfg: config_lib.TrainConfig, *, mesh=None) -> dict:
       "mesh": dict(job.mesh.shape), "devices": len(devices),
       "device_kind": devices[0].device_kind, "platform": devices[0].platform,
       "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-      "micro_batch_setting": mb, **{k: v for k, v in est.items() if k != "fits"},
+      "micro_batch_setting": mb, "remat_setting": "auto" if remats else cfg.model.remat,
+      **{k: v for k, v in est.items() if k != "fits"},
       "limit": limit, "margin": margin,
       "verdict": verdict(est["total"], limit, margin),
       "tried": [{k: e[k] for k in ("micro_batch", "grad_accum", "total", "fits")}
                 for e in tried],
+      "remat_tried": remats,
   }
 
 
-def resolve_micro_batch(cfg: config_lib.TrainConfig, workdir: str) -> config_lib.TrainConfig:
-  """`cfg` with optim.grad_accum set from train.micro_batch (auto: planned, the plan logged
-  and written to WORKDIR/plan.json); unchanged when train.micro_batch is ""."""
-  mb = cfg.train.micro_batch
-  if not mb:
+def resolve(cfg: config_lib.TrainConfig, workdir: str) -> config_lib.TrainConfig:
+  """`cfg` with optim.grad_accum set from train.micro_batch and model.remat=auto replaced by
+  a policy (auto: planned, the plan logged and written to WORKDIR/plan.json); unchanged
+  when neither is set."""
+  mb, remat = cfg.train.micro_batch, cfg.model.remat
+  if not mb and remat != "auto":
     return cfg
-  if cfg.optim.grad_accum != 1 and (mb == "auto" or
-                                    cfg.data.batch_size // int(mb) != cfg.optim.grad_accum):
+  if mb and cfg.optim.grad_accum != 1 and (mb == "auto" or
+                                           cfg.data.batch_size // int(mb) != cfg.optim.grad_accum):
     raise config_lib.ConfigError(
         f"train.micro_batch={mb} sets optim.grad_accum, which is {cfg.optim.grad_accum}: "
         "set one of them (leave optim.grad_accum at 1)")
-  if mb == "auto":
+  accum = cfg.optim.grad_accum
+  if mb != "auto" and remat == "auto" and not device_limit(cfg):  # CPU: nothing to plan against
+    remat = remat_choices(cfg.model)[0]
+    if jax.process_index() == 0:
+      print(f"model.remat=auto: {remat} (no device memory limit known; "
+            "set train.device_memory_gib to plan)", flush=True)
+  elif mb == "auto" or remat == "auto":
     p = plan(cfg)
     plan_lib.write(p, workdir)
     _log.info("%s", plan_lib.report(p))
-    accum = p["grad_accum"]
+    accum, remat = p["grad_accum"], p["model"]["remat"]
     if jax.process_index() == 0:
-      print(f"train.micro_batch=auto: micro-batch {p['micro_batch']} x grad_accum {accum} "
-            f"= data.batch_size {cfg.data.batch_size}; predicted peak {plan_lib.gib(p['total'])} per "
-            f"device of {plan_lib.gib(p['limit'])} (plan in {os.path.join(workdir, 'plan.json')})",
-            flush=True)
-  else:
+      print(plan_lib.resolved_line(p, os.path.join(workdir, "plan.json")), flush=True)
+  elif mb:
     accum = cfg.data.batch_size // int(mb)
-  return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=accum))
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat),
+                             optim=dataclasses.replace(cfg.optim, grad_accum=accum))

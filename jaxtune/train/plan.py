@@ -138,7 +138,8 @@ def report(p: dict) -> str:
   lines = [
       f"plan: method {p['method']}, peft {p['peft']}, {m['family']} {m['layers']} layers "
       f"hidden {m['hidden']} ({m['params']:,} params, {m['param_dtype']} weights, {m['dtype']} "
-      f"compute, remat {m['remat']}); mesh {mesh} over {p['devices']} x {p['device_kind']}",
+      f"compute, remat {m['remat']}{' (model.remat=auto)' if p.get('remat_setting') == 'auto' else ''}"
+      f"); mesh {mesh} over {p['devices']} x {p['device_kind']}",
       f"  batch      {p['batch_size']} rows x {p['seq_len']} tokens = micro-batch "
       f"{p['micro_batch']} x grad_accum {p['grad_accum']}"
       + (" (train.micro_batch=auto)" if p["micro_batch_setting"] == "auto" else ""),
@@ -150,7 +151,25 @@ def report(p: dict) -> str:
   for e in p["tried"]:
     lines.append(f"  tried      micro-batch {e['micro_batch']} (grad_accum {e['grad_accum']}): "
                  f"{gib(e['total'])} -> {'fits' if e['fits'] else 'too big'}")
+  for e in p.get("remat_tried", []):
+    at = (f" at micro-batch {e['micro_batch']}: {gib(e['total'])}" if "total" in e
+          else ": no micro-batch")
+    lines.append(f"  tried      model.remat={e['remat']}{at} -> "
+                 f"{'fits' if e['fits'] else 'too big'}")
   return "\n".join(lines)
+
+
+def resolved_line(p: dict, path: str) -> str:
+  """The one line a run prints when the planner set train.micro_batch or model.remat."""
+  parts = []
+  if p["micro_batch_setting"] == "auto":
+    parts.append(f"train.micro_batch=auto: micro-batch {p['micro_batch']} x grad_accum "
+                 f"{p['grad_accum']} = data.batch_size {p['batch_size']}")
+  if p.get("remat_setting") == "auto":
+    parts.append(f"model.remat=auto: {p['model']['remat']}")
+  limit = f" of {gib(p['limit'])}" if p["limit"] else " (no device limit known)"
+  return (f"{'; '.join(parts)}; predicted peak {gib(p['total'])} per device{limit} "
+          f"(plan in {path})")
 
 
 def write(p: dict, workdir: str) -> str:
