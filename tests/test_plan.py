@@ -240,3 +240,20 @@ def test_remat_auto_with_micro_batch_auto_keeps_the_device_busy(monkeypatch):
   p = memory.plan(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=64)))
   assert p["model"]["remat"] == "dots_no_batch" and len(p["remat_tried"]) == 3
 
+
+def test_the_run_loads_the_step_the_planner_compiled(tmp_path):
+  """--compile_cache with model.remat=auto planned against a limit: the planner compiles the
+  train step and the run loads that executable, so the cache holds one train-step entry
+  (two would mean the run compiled its own). Every compile is cached here (min time 0)."""
+  import subprocess
+  cache = tmp_path / "xla"
+  env = {**lu.env(2), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  p = subprocess.run(lu.cmd("train.py", *TINY, "--set=train.max_steps=2",
+                            f"--workdir={tmp_path / 'run'}", f"--compile_cache={cache}",
+                            "--set=model.remat=auto", "--set=train.device_memory_gib=4"),
+                     env=env, cwd=lu.ROOT, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "model.remat=auto: dots_no_batch; predicted peak" in p.stdout
+  steps = [f for f in os.listdir(cache) if f.startswith("jit_train_step-")]
+  assert len(steps) == 1, sorted(os.listdir(cache))
+  assert len(lu.losses(str(tmp_path / "run"))) == 2
