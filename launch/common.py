@@ -51,8 +51,8 @@ def define_runtime_flags():
   flags.DEFINE_integer("local_device_count", None, "CPU only: simulate this many devices.")
   flags.DEFINE_bool("verbose", False, "On an error, show the full traceback instead of the "
                     "one-line message.")
-  flags.DEFINE_string("compile_cache", "auto", "XLA's persistent compilation cache: a directory "
-                      "(local or a bucket), 'off', or 'auto': $JAX_COMPILATION_CACHE_DIR or "
+  flags.DEFINE_string("compile_cache", "auto", "XLA's persistent compilation cache: a directory, "
+                      "'off', or 'auto': $JAX_COMPILATION_CACHE_DIR or "
                       "~/.cache/jaxtune/xla on GPU / TPU, off on CPU. A step compiled once (by "
                       "the memory planner, an earlier run, or before a resume) is loaded, not "
                       "compiled again.")

@@ -139,13 +139,8 @@ def build(cfg: config_lib.TrainConfig, *, mesh=None, tokenizer=None) -> Abstract
   extra = method.extra_trainable(ctx)
   if extra is not None:  # a reward head: small real arrays, made abstract
     trees, axes = extra
-    trees = _abstract_of(trees)
-    if adapters is None:
-      params = {**params, **trees}
-    else:
-      adapters = dataclasses.replace(adapters, params={**adapters.params, **trees})
-      adapter_axes = {**adapter_axes, **axes}
-    ctx = dataclasses.replace(ctx, params=params, adapters=adapters)
+    ctx, params, adapters, adapter_axes = setup.add_extra_trainable(
+        ctx, _abstract_of(trees), axes, adapter_axes)
   frozen_extra = _placed(lambda p: method.frozen(dataclasses.replace(ctx, params=p)), params)
   if adapters is None:
     trainable, frozen = params, {}

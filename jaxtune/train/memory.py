@@ -58,7 +58,8 @@ device_bytes = abstract_job.device_bytes
 # shape, packed chat, batch 8 x 2048, docs/BENCHMARKS.md): unrolled layers run fastest with no
 # remat; scanned layers run faster with dots_no_batch (63.0k tokens/s) than with none (58.8k:
 # the scan then stores every elementwise output of every layer), so none is not tried there.
-REMAT_CHOICES = {"unrolled": ("none", "dots_no_batch", "full"), "scanned": ("dots_no_batch", "full")}
+REMAT_CHOICES = {"unrolled": ("none", "dots_no_batch", "full"),
+                 "scanned": ("dots_no_batch", "full")}
 MIN_MICRO_TOKENS = 8192  # remat=auto with micro_batch=auto: tokens per device per micro-step
 
 

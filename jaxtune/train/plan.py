@@ -138,7 +138,8 @@ def report(p: dict) -> str:
   lines = [
       f"plan: method {p['method']}, peft {p['peft']}, {m['family']} {m['layers']} layers "
       f"hidden {m['hidden']} ({m['params']:,} params, {m['param_dtype']} weights, {m['dtype']} "
-      f"compute, remat {m['remat']}{' (model.remat=auto)' if p.get('remat_setting') == 'auto' else ''}"
+      f"compute, remat {m['remat']}"
+      f"{' (model.remat=auto)' if p.get('remat_setting') == 'auto' else ''}"
       f"); mesh {mesh} over {p['devices']} x {p['device_kind']}",
       f"  batch      {p['batch_size']} rows x {p['seq_len']} tokens = micro-batch "
       f"{p['micro_batch']} x grad_accum {p['grad_accum']}"

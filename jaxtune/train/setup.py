@@ -107,6 +107,18 @@ def with_epochs(cfg: config_lib.TrainConfig, method, data) -> config_lib.TrainCo
   return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
 
 
+def add_extra_trainable(ctx, trees: dict, axes: dict, adapter_axes):
+  """A method's own trainable leaves (the reward head) joined to the params (full training)
+  or to the adapters: (ctx, params, adapters, adapter_axes)."""
+  params, adapters = ctx.params, ctx.adapters
+  if adapters is None:
+    params = {**params, **trees}
+  else:
+    adapters = dataclasses.replace(adapters, params={**adapters.params, **trees})
+    adapter_axes = {**adapter_axes, **axes}
+  return dataclasses.replace(ctx, params=params, adapters=adapters), params, adapters, adapter_axes
+
+
 def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
   """Checks `cfg`, then builds data, weights, adapters, the method's pieces and the steps."""
   method = methods.check(cfg)
@@ -127,13 +139,7 @@ def prepare(cfg: config_lib.TrainConfig, *, mesh=None) -> Job:
                         adapters=adapters, tokenizer=tokenizer, data=data)
   extra = method.extra_trainable(ctx)
   if extra is not None:  # method-owned leaves (the reward head) trained next to the rest
-    trees, axes = extra
-    if adapters is None:
-      params = {**params, **trees}
-    else:
-      adapters = dataclasses.replace(adapters, params={**adapters.params, **trees})
-      adapter_axes = {**adapter_axes, **axes}
-    ctx = dataclasses.replace(ctx, params=params, adapters=adapters)
+    ctx, params, adapters, adapter_axes = add_extra_trainable(ctx, *extra, adapter_axes)
   run = build(cfg, mesh, params, model_cfg, objective=method.objective(ctx), adapters=adapters,
               adapter_axes=adapter_axes, extra_frozen=method.frozen(ctx))
   return Job(cfg=cfg, method=method, ctx=ctx, run=run)
