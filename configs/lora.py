@@ -17,7 +17,7 @@ def get_config(arg=None):
       method="sft",
       model=config.ModelConfig(hf_path=arg or "Qwen/Qwen2.5-1.5B-Instruct", dtype="bfloat16",
                                param_dtype="bfloat16", remat="auto",
-                               logits_chunk=2048),
+                               logits_chunk=2048, logits_dtype="compute"),
       peft=config.PeftConfig(method="lora", rank=16, alpha=32.0),
       optim=config.OptimConfig(lr=2e-4, warmup_steps=30, schedule="cosine"),
       data=config.DataConfig(format="chat", loss_policy="assistant", seq_len=2048, batch_size=16),

@@ -15,7 +15,8 @@ def get_config(arg=None):
   return config.TrainConfig(
       method="sft",
       model=config.ModelConfig(hf_path=arg or "meta-llama/Llama-3.2-1B", dtype="bfloat16",
-                               param_dtype="float32", remat="auto", logits_chunk=2048),
+                               param_dtype="float32", remat="auto", logits_chunk=2048,
+                               logits_dtype="compute"),
       optim=config.OptimConfig(lr=2e-5, warmup_steps=100, schedule="cosine", weight_decay=0.1),
       data=config.DataConfig(train_files=tokenizer_lib.sample_path("text"), format="text",
                              loss_policy="all", seq_len=2048, batch_size=32, pack=True),

@@ -16,7 +16,7 @@ def get_config(arg=None):
       method="sft",
       model=config.ModelConfig(hf_path=arg or "meta-llama/Llama-3.1-8B-Instruct",
                                dtype="bfloat16", param_dtype="bfloat16", remat="full",
-                               logits_chunk=2048),
+                               logits_chunk=2048, logits_dtype="compute"),
       peft=config.PeftConfig(method="qlora", rank=16, alpha=32.0, quant_method="nf4",
                              quant_group_size=64),
       optim=config.OptimConfig(lr=2e-4, warmup_steps=30),

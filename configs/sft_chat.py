@@ -19,7 +19,7 @@ def get_config(arg=None):
       method="sft",
       model=config.ModelConfig(hf_path=arg or "meta-llama/Llama-3.2-1B-Instruct",
                                dtype="bfloat16", param_dtype="float32", remat="auto",
-                               logits_chunk=2048),
+                               logits_chunk=2048, logits_dtype="compute"),
       optim=config.OptimConfig(lr=1e-5, warmup_steps=50, schedule="cosine", weight_decay=0.0,
                                clip_norm=1.0),
       data=config.DataConfig(format="chat", loss_policy="assistant", seq_len=2048, batch_size=32,

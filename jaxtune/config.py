@@ -102,6 +102,10 @@ class ModelConfig:
   # >0: the output head scores this many tokens at a time. Training: tokens of the global
   # batch, each device its share of its rows; eval/perplexity: positions of each row.
   logits_chunk: int = 0
+  # The dtype the output projection writes its logits in before the float32 loss math:
+  # float32 | compute (the activation dtype: a bf16 model's logits rounded to bf16, as
+  # transformers' bf16 lm_head does; the head's passes over [tokens, V] move half the bytes).
+  logits_dtype: str = "float32"
   moe_impl: str = "auto"  # MoE grouped matmul: auto | ragged | blocked | mgpu (Hopper)
 
   @property

@@ -24,6 +24,7 @@ _CHOICES = {
     "model.rope_scaling.kind": ("none", "llama3", "linear", "longrope"),
     "model.hidden_act": ("silu", "gelu_pytorch_tanh"),
     "model.moe_impl": ("auto", "ragged", "blocked", "mgpu"),
+    "model.logits_dtype": ("float32", "compute"),
     "peft.quant_method": ("nf4", "int4"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "data.format": ("auto", "text", "chat", "instruction", "prompt_completion", "preference",

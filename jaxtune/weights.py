@@ -19,7 +19,7 @@ launchers all load through here, so a source that works for one works for all:
 
 Every param is placed on the mesh by its logical axes as it is read (`sharding.placer`), so
 a model is never held twice; the compute options (dtype, param_dtype, remat, attention,
-scan_layers, logits_chunk, moe_impl) always come from `base`, the
+scan_layers, logits_chunk, logits_dtype, moe_impl) always come from `base`, the
 architecture from the source.
 """
 
@@ -42,7 +42,7 @@ from jaxtune.models import decoder
 from jaxtune.peft import qlora
 
 COMPUTE_OPTIONS = ("hf_path", "dtype", "param_dtype", "remat", "attention", "scan_layers",
-                   "logits_chunk", "moe_impl")
+                   "logits_chunk", "logits_dtype", "moe_impl")
 
 
 @dataclasses.dataclass(frozen=True)

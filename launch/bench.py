@@ -116,13 +116,15 @@ def define_flags() -> None:
 
 
 # jaxtune model options per (shape, method), chosen by measurement (docs/BENCHMARKS.md).
+_1B = dict(remat="none", logits_chunk=4096, logits_dtype="compute", scan_layers=False)
+_8B = dict(remat="full", logits_chunk=4096, logits_dtype="compute")
 TUNED = {
-    ("1b", "full"): dict(remat="none", logits_chunk=4096, scan_layers=False),
-    ("1b", "lora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
-    ("1b", "qlora"): dict(remat="none", logits_chunk=4096, scan_layers=False),
-    ("8b", "full"): dict(remat="full", logits_chunk=4096),  # unmeasured: the 8-GPU commands
-    ("8b", "lora"): dict(remat="full", logits_chunk=4096),
-    ("8b", "qlora"): dict(remat="full", logits_chunk=4096),
+    ("1b", "full"): _1B,
+    ("1b", "lora"): _1B,
+    ("1b", "qlora"): _1B,
+    ("8b", "full"): _8B,  # unmeasured: the 8-GPU commands
+    ("8b", "lora"): _8B,
+    ("8b", "qlora"): _8B,
     ("tiny", "full"): dict(remat="none", logits_chunk=24, scan_layers=False),
     ("tiny", "lora"): dict(remat="full", logits_chunk=0),
     ("tiny", "qlora"): dict(remat="none", logits_chunk=24),
@@ -248,8 +250,9 @@ def _config_str(r: dict) -> str:
   name = "" if r.get("variant") in ("tuned", None) else f"[{r['variant']}] "
   if mesh_devices(r.get("mesh")) > 1:
     name += "mesh " + ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) + " "
+  logits = " logits=compute" if m.get("logits_dtype") == "compute" else ""
   return (f"{name}{prec} attn={attn} remat={m.get('remat')} ce_chunk={m.get('logits_chunk')}"
-          f"{'' if m.get('scan_layers', True) else ' unrolled'}{extra}")
+          f"{logits}{'' if m.get('scan_layers', True) else ' unrolled'}{extra}")
 
 
 def peer_row(results: list[dict], r: dict, fw: str) -> dict | None:

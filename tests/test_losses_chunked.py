@@ -5,6 +5,7 @@ for the gather of every row onto every device that the per-device form removes."
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -184,3 +185,57 @@ def _accum(h, w, mesh_arg, rest, loss):
     return acc + jax.grad(loss, argnums=1)(hh, w, yy, mm, gg, mesh_arg), None
 
   return jax.lax.scan(body, jnp.zeros_like(w), parts)[0]
+
+
+def _dot_out_dtypes(fn, *args, width):
+  """Output dtypes of the dot_generals in fn's jaxpr (nested ones included) whose last
+  dimension is `width` (the vocabulary): the dtype the head's projection writes."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == width:
+        found.append(eqn.outvars[0].aval.dtype)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_logits_dtype_compute_writes_the_activation_dtype(chunk):
+  """model.logits_dtype=compute: every logits product of a bf16 model (chunked or not, loss
+  and log-probs, forward and the chunked backward's recompute) is written in bf16, and the
+  loss and gradients stay within bf16 rounding of the float32 default; float32 (default)
+  writes float32. (XLA on CPU is free to keep the product in float32, so the values are
+  compared with bf16 tolerance; on a GPU the cuBLAS call writes bf16, docs/BENCHMARKS.md.)"""
+  h, w, y, mask, g = _inputs()
+  h, wb = h.astype(jnp.bfloat16), w.T.astype(jnp.bfloat16)  # tied layout [V, D]
+  results = {}
+  for dtype in ("float32", "compute"):
+    cfg = config_lib.ModelConfig(vocab_size=V, hidden_size=D, tie_word_embeddings=True,
+                                 dtype="bfloat16", logits_chunk=chunk, logits_dtype=dtype)
+    params = {"embed_tokens": {"embedding": wb}}
+
+    def loss(h, wb):
+      p = {"embed_tokens": {"embedding": wb}}
+      total, _ = head.nll_sum(cfg, p, h, y, mask)
+      return total + jnp.sum(g * head.token_logprobs(cfg, p, h, y))
+
+    want = jnp.bfloat16 if dtype == "compute" else jnp.float32
+    dts = _dot_out_dtypes(jax.grad(loss, argnums=(0, 1)), h, wb, width=V)
+    assert dts and all(d == want for d in dts), (dtype, dts)
+    assert _dot_out_dtypes(lambda h: head.nll_sum(cfg, params, h, y, mask)[0], h, width=V)
+    results[dtype] = (loss(h, wb), jax.grad(loss, argnums=(0, 1))(h, wb))
+  (l32, g32), (lc, gc) = results["float32"], results["compute"]
+  np.testing.assert_allclose(float(lc), float(l32), rtol=2e-2)
+  for a, b in zip(gc, g32):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+
+
+def test_logits_dtype_is_checked():
+  cfg = config_lib.TrainConfig()
+  with pytest.raises(config_lib.ConfigError, match="model.logits_dtype.*compute"):
+    config_lib.validate(config_lib.override(cfg, ["model.logits_dtype=bfloat16"]))

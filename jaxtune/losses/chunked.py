@@ -39,7 +39,7 @@ from jaxtune import sharding
 def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
                           targets: jax.Array, mask: jax.Array, *, chunk_size: int,
                           transpose: bool = False, softcap: float = 0.0, mesh=None,
-                          row_axes=None):
+                          row_axes=None, logits_dtype=jnp.float32):
   """`cross_entropy_loss` computed from final hidden states, one token chunk at a time.
 
   logits = hidden @ W (W: [D, V] kernel, `transpose=False`) or hidden @ E^T (E: [V, D]
@@ -61,11 +61,16 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
       factor 1 - tanh^2 is applied to the fused gradient.
     mesh, row_axes: run per device, rows split over the mesh axes `row_axes` (a name or a
       tuple of names, as in a PartitionSpec); None (default): one program over all rows.
+    logits_dtype: the dtype the projection writes each chunk's logits in (float32
+      accumulation either way); the loss math runs in float32 after it. float32 (default),
+      or the activation dtype as transformers' bf16 lm_head: half the bytes in the head's
+      passes over the [chunk, V] logits, bf16 rounding of each logit.
 
   Returns:
     (loss, {"loss": loss, "tokens": number of unmasked tokens}), float32 scalars.
   """
-  opts = _check(hidden, embedding_or_kernel, targets, chunk_size, transpose, softcap)
+  opts = _check(hidden, embedding_or_kernel, targets, chunk_size, transpose, softcap,
+                logits_dtype)
   split = _split(mesh, row_axes)
   y = jnp.asarray(targets, jnp.int32)
   m = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), targets.shape)
@@ -77,19 +82,21 @@ def chunked_cross_entropy(hidden: jax.Array, embedding_or_kernel: jax.Array,
 
 def chunked_token_logprobs(hidden: jax.Array, embedding_or_kernel: jax.Array,
                            targets: jax.Array, *, chunk_size: int, transpose: bool = False,
-                           softcap: float = 0.0, mesh=None, row_axes=None) -> jax.Array:
+                           softcap: float = 0.0, mesh=None, row_axes=None,
+                           logits_dtype=jnp.float32) -> jax.Array:
   """log p(targets) [B, T] float32 from hidden states [B, T, D], one token chunk at a time.
 
   Same value and gradients as `token_logprobs(hidden @ W, targets)`; arguments as in
   `chunked_cross_entropy`. Ids outside [0, V) are clipped (mask them downstream).
   """
-  opts = _check(hidden, embedding_or_kernel, targets, chunk_size, transpose, softcap)
+  opts = _check(hidden, embedding_or_kernel, targets, chunk_size, transpose, softcap,
+                logits_dtype)
   split = _split(mesh, row_axes)
   return _token_lp(hidden, embedding_or_kernel, jnp.asarray(targets, jnp.int32),
                    _per_device_opts(opts, split), split)
 
 
-def _check(hidden, w, targets, chunk_size, transpose, softcap) -> tuple:
+def _check(hidden, w, targets, chunk_size, transpose, softcap, logits_dtype) -> tuple:
   if hidden.ndim != 3 or hidden.shape[:2] != targets.shape:
     raise ValueError(f"hidden must be [B, T, D] with [B, T] == targets.shape; got hidden "
                      f"{hidden.shape}, targets {targets.shape}")
@@ -101,7 +108,7 @@ def _check(hidden, w, targets, chunk_size, transpose, softcap) -> tuple:
                      f"{transpose}); got {w.shape}")
   if chunk_size <= 0:
     raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-  return (int(chunk_size), bool(transpose), float(softcap))
+  return (int(chunk_size), bool(transpose), float(softcap), jnp.dtype(logits_dtype).name)
 
 
 def _split(mesh, row_axes):
@@ -156,10 +163,11 @@ def _unchunk(x: jax.Array, lead: tuple[int, int]) -> jax.Array:
 
 
 def _logits(h_c, w, opts):
-  """[C, D] x W -> float32 logits [C, V], soft-capped when opts' cap > 0."""
-  _, transpose, cap = opts
+  """[C, D] x W -> float32 logits [C, V] (written in opts' logits dtype first), soft-capped
+  when opts' cap > 0."""
+  _, transpose, cap, dtype = opts
   spec = "cd,vd->cv" if transpose else "cd,dv->cv"
-  z = jnp.einsum(spec, h_c, w, preferred_element_type=jnp.float32).astype(jnp.float32)
+  z = jnp.einsum(spec, h_c, w, preferred_element_type=jnp.dtype(dtype)).astype(jnp.float32)
   return cap * jnp.tanh(z / cap) if cap else z
 
 
@@ -184,7 +192,7 @@ def _scan_logprobs(h, w, y, opts) -> jax.Array:
 def _fused(h, w, y, m, opts, need_w: bool):
   """(sum m * nll, dh [B, T, D], dW (or a 0 scalar), nll [B, T]) for weights m [B, T]:
   the gradients of sum_t m_t * nll_t, formed chunk by chunk beside the logits."""
-  c, transpose, cap = opts
+  c, transpose, cap, _ = opts
   wt_spec = "cv,vd->cd" if transpose else "cv,dv->cd"  # dh = g @ W^T
   dw_spec = "cd,cv->vd" if transpose else "cd,cv->dv"  # dW = h^T @ g
   yc = _chunks(jnp.clip(y, 0, _vocab(w, opts) - 1), c)

@@ -66,6 +66,13 @@ def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
   return softcap(cfg, out.astype(jnp.float32))
 
 
+def logits_dtype(cfg: config_lib.ModelConfig, h: jax.Array):
+  """The dtype the projection writes the scored logits in: float32, or with
+  `model.logits_dtype=compute` the activation dtype of h (a bf16 model's logits rounded to
+  bf16, as transformers' bf16 lm_head; the loss math stays float32)."""
+  return h.dtype if cfg.logits_dtype == "compute" else jnp.float32
+
+
 def row_axes(mesh, h: jax.Array):
   """The mesh axes the rows of h [N, T, D] split over, for the chunked head to run per
   device (`losses.chunked`); None runs it as one program: no mesh, rows whole, or a
@@ -85,12 +92,13 @@ def token_logprobs(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
   the decoder receives it).
   """
   if cfg.logits_chunk <= 0:
-    return losses.token_logprobs(logits(cfg, params, h), targets)
+    return losses.token_logprobs(logits(cfg, params, h, logits_dtype(cfg, h)), targets)
   mesh = getattr(constrain, "mesh", None)
   w, transposed = kernel(cfg, params)
   return losses.chunked_token_logprobs(
       h, w.astype(h.dtype), targets, chunk_size=cfg.logits_chunk, transpose=transposed,
-      softcap=cfg.final_logit_softcap, mesh=mesh, row_axes=row_axes(mesh, h))
+      softcap=cfg.final_logit_softcap, mesh=mesh, row_axes=row_axes(mesh, h),
+      logits_dtype=logits_dtype(cfg, h))
 
 
 def nll_sum(cfg: config_lib.ModelConfig, params: dict, h: jax.Array, targets: jax.Array,
@@ -109,7 +117,8 @@ def nll_sum(cfg: config_lib.ModelConfig, params: dict, h: jax.Array, targets: ja
     mean, _ = losses.chunked_cross_entropy(h, w.astype(h.dtype), targets, mask,
                                            chunk_size=cfg.logits_chunk, transpose=transposed,
                                            softcap=cfg.final_logit_softcap, mesh=mesh,
-                                           row_axes=row_axes(mesh, h))
+                                           row_axes=row_axes(mesh, h),
+                                           logits_dtype=logits_dtype(cfg, h))
     return mean * jnp.maximum(jnp.sum(mask), 1.0), None
   nll = -token_logprobs(cfg, params, h, targets) * mask  # [B, T]
   return jnp.sum(nll), nll

@@ -19,7 +19,7 @@ with old -> new (config.ConfigError, so the launcher exits 2):
 Safe keys proceed (logged): train.max_steps / log_every / eval_every / eval_batches /
 early_stopping_patience / max_skipped / progress, checkpoint.*, mesh.* (restoring onto
 another mesh or device count works: orbax reshards into the current shardings), the
-compute options model.dtype / remat / attention / scan_layers / logits_chunk / moe_impl, the
+compute options model.dtype / remat / attention / scan_layers / logits_chunk / logits_dtype / moe_impl, the
 micro-batching keys optim.grad_accum / train.micro_batch / device_memory_gib /
 memory_margin (accumulation gives the full-batch update, so a planner that picks another
 micro-batch on another machine changes nothing but rounding), train.epochs (like
