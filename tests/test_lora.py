@@ -10,6 +10,7 @@ import json
 import os
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -394,3 +395,51 @@ def test_sharded_loss_and_grads_match_one_device(base):
     assert (a.sharding.spec, b.sharding.spec) == (pa, pb), module
     for x in (a, b):  # each device holds a slice, not a replica
       assert x.addressable_shards[0].data.size < x.size, module
+
+
+def _dot_shapes(fn, *args):
+  """Output shapes of every dot_general in fn's jaxpr."""
+  return [e.outvars[0].aval.shape for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+          if e.primitive.name == "dot_general"]
+
+
+@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])
+def test_lora_kernel_joined_matmul_equals_two_products(d_in, d_out):
+  """The adapted projection (joined [x, s*x@a] @ [w; b] for outputs wider than the
+  input, two products and an add otherwise) against x @ w + s * (x @ a) @ b: values and
+  gradients w.r.t. x, a, b, and w when it is differentiated; a frozen w gets no [in, out]
+  weight-gradient product."""
+  from jaxtune.peft import lora_kernel
+  rng = np.random.default_rng(0)
+  x, w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                for s in ((2, 5, d_in), (d_in, d_out), (d_in, 3), (3, d_out)))
+  cot = jnp.asarray(rng.normal(size=(2, 5, d_out)), jnp.float32)
+  plain = lambda x, w, a, b: jnp.einsum("btd,df->btf", x, w) + 2.0 * (x @ a) @ b
+  leaf = lambda x, w, a, b: lora_kernel.LoraKernel(w=w, a=a, b=b, scale=2.0).linear(x)
+  np.testing.assert_allclose(leaf(x, w, a, b), plain(x, w, a, b), rtol=1e-5, atol=1e-5)
+  for argnums in ((0, 2, 3), (0, 1, 2, 3)):
+    grads = [jax.grad(lambda *p, f=f: jnp.sum(cot * f(*p)), argnums=argnums)(x, w, a, b)
+             for f in (leaf, plain)]
+    for got, want in zip(*grads):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  frozen = jax.grad(lambda x, a, b: jnp.sum(cot * leaf(x, w, a, b)), argnums=(0, 1, 2))
+  assert (d_in, d_out) not in _dot_shapes(frozen, x, a, b)
+  assert ("concatenate" in _primitives(lambda x: leaf(x, w, a, b), x)) == (d_out > d_in)
+  one_row = x[:1, :1]  # a decode step: copying w would cost more than the add it saves
+  assert "concatenate" not in _primitives(lambda x: leaf(x, w, a, b), one_row)
+  np.testing.assert_allclose(leaf(one_row, w, a, b), plain(one_row, w, a, b), rtol=1e-5,
+                             atol=1e-5)
+
+
+def _primitives(fn, *args) -> set:
+  """Names of the primitives in fn's jaxpr, nested jaxprs (custom VJPs, scans) included."""
+  names = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
