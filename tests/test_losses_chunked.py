@@ -189,12 +189,14 @@ def _accum(h, w, mesh_arg, rest, loss):
 
 def _dot_out_dtypes(fn, *args, width):
   """Output dtypes of the dot_generals in fn's jaxpr (nested ones included) whose last
-  dimension is `width` (the vocabulary): the dtype the head's projection writes."""
+  dimension is `width` (the vocabulary), a [D, V] weight gradient excepted: the dtype the
+  head's projection writes."""
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape[-1] == width:
+      shape = eqn.outvars[0].aval.shape
+      if eqn.primitive.name == "dot_general" and shape[-1] == width and shape != (D, width):
         found.append(eqn.outvars[0].aval.dtype)
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         walk(sub)
@@ -203,23 +205,26 @@ def _dot_out_dtypes(fn, *args, width):
   return found
 
 
-@pytest.mark.parametrize("chunk", [0, 16])
-def test_logits_dtype_compute_writes_the_activation_dtype(chunk):
+@pytest.mark.parametrize("chunk,tied", [(0, True), (16, True), (0, False), (16, False)])
+def test_logits_dtype_compute_writes_the_activation_dtype(chunk, tied):
   """model.logits_dtype=compute: every logits product of a bf16 model (chunked or not, loss
   and log-probs, forward and the chunked backward's recompute) is written in bf16, and the
   loss and gradients stay within bf16 rounding of the float32 default; float32 (default)
   writes float32. (XLA on CPU is free to keep the product in float32, so the values are
   compared with bf16 tolerance; on a GPU the cuBLAS call writes bf16, docs/BENCHMARKS.md.)"""
   h, w, y, mask, g = _inputs()
-  h, wb = h.astype(jnp.bfloat16), w.T.astype(jnp.bfloat16)  # tied layout [V, D]
+  h = h.astype(jnp.bfloat16)
+  wb = (w.T if tied else w).astype(jnp.bfloat16)  # [V, D] tied, [D, V] lm_head
+  as_params = lambda wb: ({"embed_tokens": {"embedding": wb}} if tied
+                          else {"lm_head": {"kernel": wb}})
   results = {}
   for dtype in ("float32", "compute"):
-    cfg = config_lib.ModelConfig(vocab_size=V, hidden_size=D, tie_word_embeddings=True,
+    cfg = config_lib.ModelConfig(vocab_size=V, hidden_size=D, tie_word_embeddings=tied,
                                  dtype="bfloat16", logits_chunk=chunk, logits_dtype=dtype)
-    params = {"embed_tokens": {"embedding": wb}}
+    params = as_params(wb)
 
     def loss(h, wb):
-      p = {"embed_tokens": {"embedding": wb}}
+      p = as_params(wb)
       total, _ = head.nll_sum(cfg, p, h, y, mask)
       return total + jnp.sum(g * head.token_logprobs(cfg, p, h, y))
 

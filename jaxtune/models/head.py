@@ -60,9 +60,10 @@ def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
   w, transposed = kernel(cfg, params)
   if transposed:
     out = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=product_dtype)
-  else:
+  elif isinstance(w, jax.Array):
+    out = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=product_dtype)
+  else:  # an lm_head leaf with its own matmul (4-bit, adapter): written in h's dtype
     out = layers.linear(h, w)
-    out = out.astype(product_dtype) if product_dtype == jnp.float32 else out
   return softcap(cfg, out.astype(jnp.float32))
 
 
