@@ -52,6 +52,7 @@ class Abstract:
   schedule: Any
   state_sh: Any
   frozen_sh: Any
+  tokenizer: Any  # the one build loaded (another build of the same run can reuse it)
 
 
 def _sds(x, sh):
@@ -160,7 +161,8 @@ def build(cfg: config_lib.TrainConfig, *, mesh=None, tokenizer=None) -> Abstract
                   batch=abstract_batch(cfg, method.data_kind, mesh, data.train.pad_id),
                   objective=method.objective(ctx), optimizer=optimizer,
                   schedule=optim.schedule(cfg.optim, cfg.train.max_steps), state_sh=state_sh,
-                  frozen_sh=jax.tree_util.tree_map(lambda x: x.sharding, frozen))
+                  frozen_sh=jax.tree_util.tree_map(lambda x: x.sharding, frozen),
+                  tokenizer=tokenizer)
 
 
 def device_bytes(tree) -> int:

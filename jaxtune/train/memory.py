@@ -201,10 +201,11 @@ def _choose_remat(cfg: config_lib.TrainConfig, mesh, limit: int | None, margin: 
   {remat, fits, micro_batch, grad_accum, total}). No limit: the fastest."""
   attempts, summary = [], []
   choices = remat_choices(cfg.model)
+  tokenizer = None
   for remat in (choices if limit else choices[:1]):
     job = abstract_job.build(dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, remat=remat)), mesh=mesh)
-    mesh = job.mesh
+        cfg, model=dataclasses.replace(cfg.model, remat=remat)), mesh=mesh, tokenizer=tokenizer)
+    mesh, tokenizer = job.mesh, job.tokenizer  # the next policy's build reuses both
     est, tried = _fit(job, limit, margin)
     attempts.append((job, est, tried))
     summary.append({"remat": remat, "fits": bool(est and est["fits"]),
