@@ -29,7 +29,6 @@ import numpy as np
 from jaxtune import config as config_lib
 from jaxtune import tree
 from jaxtune.hf import config as hf_config
-from jaxtune.hf import fused_experts
 from jaxtune.hf import io as hf_io
 from jaxtune.hf import keys
 from jaxtune.models import families
@@ -120,8 +119,7 @@ def load(model_dir: str, base: config_lib.ModelConfig | None = None):
   if shape != (1, cfg.hidden_size):
     raise ValueError(f"{model_dir}: tensor {SCORE_KEY} has shape {shape}, expected "
                      f"{[1, cfg.hidden_size]}")
-  shapes, get = fused_experts.view(cfg, tensors.shapes, tensors.get, source=model_dir,
-                                   file_of=tensors.file_of)
+  shapes, get = hf_io.tensor_view(cfg, model_dir, tensors, None)
   keys.check_keys(tied, {k: v for k, v in shapes.items() if k != SCORE_KEY}, model_dir)
 
   np_dtype = hf_io.NP_DTYPES[cfg.param_dtype]
