@@ -63,7 +63,7 @@ def test_meaning_changes_are_refused_in_one_line_naming_each_key():
     ("checkpoint", {"every_steps": 3, "keep": 9, "keep_best": "val_loss", "export_hf": False}),
     ("mesh", {"fsdp": 2, "tensor": 4}),
     ("model", {"remat": "full", "attention": "xla", "logits_chunk": 64, "dtype": "bfloat16",
-               "moe_impl": "ragged"}),  # compute options: the same model and update
+               "logits_dtype": "compute", "moe_impl": "ragged"}),  # compute options: the same model and update
     ("dpo", {"beta": 0.5}),  # another method's section: unused by an sft run
 ])
 def test_safe_changes_proceed(section, fields):

@@ -18,17 +18,18 @@ with old -> new (config.ConfigError, so the launcher exits 2):
 
 Safe keys proceed (logged): train.max_steps / log_every / eval_every / eval_batches /
 early_stopping_patience / max_skipped / progress, checkpoint.*, mesh.* (restoring onto
-another mesh or device count works: orbax reshards into the current shardings), the
-compute options model.dtype / remat / attention / scan_layers / logits_chunk / logits_dtype / moe_impl, the
-micro-batching keys optim.grad_accum / train.micro_batch / device_memory_gib /
+another mesh or device count works: orbax reshards into the current shardings), the compute
+options model.dtype / remat / attention / scan_layers / logits_chunk / logits_dtype /
+moe_impl, the micro-batching keys optim.grad_accum / train.micro_batch / device_memory_gib /
 memory_margin (accumulation gives the full-batch update, so a planner that picks another
 micro-batch on another machine changes nothing but rounding), train.epochs (like
 train.max_steps: the run's length), data.streaming / cache_dir / workers (how the same
-examples are read: the batches are identical), and the config sections of methods the run does not use. Every other key (architecture, base
-weights, peft.*, optim.*, data.*, train.seed, the method and its section, ...) is
-meaning-changing, including keys added later: unknown means guarded.
-`allow_changed=("peft.alpha", "data")` (keys or whole sections) lets those through; each
-allowed change is recorded in the meta under "allowed_changes" (step, key, old, new).
+examples are read: the batches are identical), and the config sections of methods the run
+does not use. Every other key (architecture, base weights, peft.*, optim.*, data.*,
+train.seed, the method and its section, ...) is meaning-changing, including keys added
+later: unknown means guarded. `allow_changed=("peft.alpha", "data")` (keys or whole
+sections) lets those through; each allowed change is recorded in the meta under
+"allowed_changes" (step, key, old, new).
 
 The base weights' identity is a SAMPLED content digest, not a full hash (a 140 GB model
 would take minutes to hash): per weights file (sorted), its size and the sha256 of its
