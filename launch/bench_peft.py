@@ -28,12 +28,12 @@ sys.path.insert(0, ROOT)
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from launch import bench  # noqa: E402
 from launch import bench_workers  # noqa: E402
 
 FLAGS = flags.FLAGS
 VIRTUAL = 20
-TUNED_1B = dict(remat="none", logits_chunk=4096, logits_dtype="compute",
-                scan_layers=False)  # bench.TUNED for 1B LoRA
+TUNED_1B = bench.TUNED[("1b", "lora")]
 
 
 def _jax_step(spec: dict):

@@ -10,7 +10,6 @@ import json
 import os
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -28,6 +27,7 @@ from jaxtune.models import decoder
 from jaxtune.peft import base as peft_base
 from jaxtune.peft import lora
 from tests import hf_models
+from tests import numerics
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CFG = config_lib.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2,
@@ -398,9 +398,14 @@ def test_sharded_loss_and_grads_match_one_device(base):
 
 
 def _dot_shapes(fn, *args):
-  """Output shapes of every dot_general in fn's jaxpr."""
-  return [e.outvars[0].aval.shape for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns
+  """Output shapes of every dot_general in fn's jaxpr, nested jaxprs included."""
+  return [e.outvars[0].aval.shape for e in numerics.jaxpr_eqns(jax.make_jaxpr(fn)(*args))
           if e.primitive.name == "dot_general"]
+
+
+def _primitives(fn, *args) -> set:
+  """Names of the primitives in fn's jaxpr, nested jaxprs (custom VJPs, scans) included."""
+  return {e.primitive.name for e in numerics.jaxpr_eqns(jax.make_jaxpr(fn)(*args))}
 
 
 @pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])
@@ -430,16 +435,3 @@ def test_lora_kernel_joined_matmul_equals_two_products(d_in, d_out):
   np.testing.assert_allclose(leaf(one_row, w, a, b), plain(one_row, w, a, b), rtol=1e-5,
                              atol=1e-5)
 
-
-def _primitives(fn, *args) -> set:
-  """Names of the primitives in fn's jaxpr, nested jaxprs (custom VJPs, scans) included."""
-  names = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      names.add(eqn.primitive.name)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return names

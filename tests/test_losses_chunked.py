@@ -5,7 +5,6 @@ for the gather of every row onto every device that the per-device form removes."
 import re
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from jaxtune import config as config_lib
 from jaxtune import losses
 from jaxtune import sharding
 from jaxtune.models import head
+from tests import numerics
 
 B, T, D, V = 8, 12, 24, 40  # distinct sizes: a gathered [.., 12, 24] is an activation
 
@@ -191,18 +191,9 @@ def _dot_out_dtypes(fn, *args, width):
   """Output dtypes of the dot_generals in fn's jaxpr (nested ones included) whose last
   dimension is `width` (the vocabulary), a [D, V] weight gradient excepted: the dtype the
   head's projection writes."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      shape = eqn.outvars[0].aval.shape
-      if eqn.primitive.name == "dot_general" and shape[-1] == width and shape != (D, width):
-        found.append(eqn.outvars[0].aval.dtype)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
+  return [e.outvars[0].aval.dtype for e in numerics.jaxpr_eqns(jax.make_jaxpr(fn)(*args))
+          if e.primitive.name == "dot_general" and e.outvars[0].aval.shape[-1] == width
+          and e.outvars[0].aval.shape != (D, width)]
 
 
 @pytest.mark.parametrize("chunk,tied", [(0, True), (16, True), (0, False), (16, False)])
@@ -231,7 +222,8 @@ def test_logits_dtype_compute_writes_the_activation_dtype(chunk, tied):
     want = jnp.bfloat16 if dtype == "compute" else jnp.float32
     dts = _dot_out_dtypes(jax.grad(loss, argnums=(0, 1)), h, wb, width=V)
     assert dts and all(d == want for d in dts), (dtype, dts)
-    assert _dot_out_dtypes(lambda h: head.nll_sum(cfg, params, h, y, mask)[0], h, width=V)
+    fwd = _dot_out_dtypes(lambda h: head.nll_sum(cfg, params, h, y, mask)[0], h, width=V)
+    assert fwd and all(d == want for d in fwd), (dtype, fwd)
     results[dtype] = (loss(h, wb), jax.grad(loss, argnums=(0, 1))(h, wb))
   (l32, g32), (lc, gc) = results["float32"], results["compute"]
   np.testing.assert_allclose(float(lc), float(l32), rtol=2e-2)

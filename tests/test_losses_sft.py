@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxtune import losses
+from tests import numerics
 
 LN3 = math.log(3.0)
 
@@ -269,19 +270,8 @@ def test_chunked_cross_entropy_soft_capped_equals_plain_and_numpy(transpose):
 def _largest_intermediate(closed_jaxpr):
   """Largest number of elements of any value produced anywhere in a jaxpr (recursing into
   scan / checkpoint / pjit sub-jaxprs)."""
-  def walk(jaxpr):
-    best = 0
-    for eqn in jaxpr.eqns:
-      for var in eqn.outvars:
-        best = max(best, int(np.prod(getattr(var.aval, "shape", ()))))
-      for param in eqn.params.values():
-        for sub in (param if isinstance(param, (list, tuple)) else [param]):
-          if hasattr(sub, "eqns"):
-            best = max(best, walk(sub))
-          elif hasattr(getattr(sub, "jaxpr", None), "eqns"):
-            best = max(best, walk(sub.jaxpr))
-    return best
-  return walk(closed_jaxpr.jaxpr)
+  return max((int(np.prod(getattr(var.aval, "shape", ())))
+              for eqn in numerics.jaxpr_eqns(closed_jaxpr) for var in eqn.outvars), default=0)
 
 
 def test_chunked_cross_entropy_never_materialises_all_logits():

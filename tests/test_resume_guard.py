@@ -62,8 +62,9 @@ def test_meaning_changes_are_refused_in_one_line_naming_each_key():
                "early_stopping_patience": 2, "max_skipped": 1}),
     ("checkpoint", {"every_steps": 3, "keep": 9, "keep_best": "val_loss", "export_hf": False}),
     ("mesh", {"fsdp": 2, "tensor": 4}),
+    # compute options: the same model and update
     ("model", {"remat": "full", "attention": "xla", "logits_chunk": 64, "dtype": "bfloat16",
-               "logits_dtype": "compute", "moe_impl": "ragged"}),  # compute options: the same model and update
+               "logits_dtype": "compute", "moe_impl": "ragged"}),
     ("dpo", {"beta": 0.5}),  # another method's section: unused by an sft run
 ])
 def test_safe_changes_proceed(section, fields):

@@ -77,7 +77,7 @@ class LoraKernel:
                      jnp.zeros((), x.dtype))
     xa = jnp.einsum("...d,dr->...r", xl, a)  # [..., r]
     if _joins(self.w, x):
-      y = joined_matmul(x, (self.scale * xa).astype(x.dtype), self.w.astype(x.dtype), b)
+      y = joined_matmul(x, self.scale * xa, self.w.astype(x.dtype), b)
       return y if bias is None else y + bias.astype(y.dtype)
     y = layers.linear(x, self.w, bias=bias)
     return y + (self.scale * jnp.einsum("...r,rf->...f", xa, b))
