@@ -408,11 +408,12 @@ def _primitives(fn, *args) -> set:
   return {e.primitive.name for e in numerics.jaxpr_eqns(jax.make_jaxpr(fn)(*args))}
 
 
-@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])
+@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8), (8, 8)])
 def test_lora_kernel_joined_matmul_equals_two_products(d_in, d_out):
-  """The adapted projection (joined [x, s*x@a] @ [w; b] for outputs wider than the
-  input, two products and an add otherwise) against x @ w + s * (x @ a) @ b: values and
-  gradients w.r.t. x, a, b, and w when it is differentiated; a frozen w gets no [in, out]
+  """The adapted projection (the forward joined as [x, s*x@a] @ [w; b] for outputs wider
+  than the input, dx joined as [dy, s*dy@b^T] @ [w, a]^T for inputs wider than the output,
+  two products and an add otherwise) against x @ w + s * (x @ a) @ b: values and gradients
+  w.r.t. x, a, b, and w when it is differentiated; a frozen w gets no [in, out]
   weight-gradient product."""
   from jaxtune.peft import lora_kernel
   rng = np.random.default_rng(0)
@@ -430,8 +431,35 @@ def test_lora_kernel_joined_matmul_equals_two_products(d_in, d_out):
   frozen = jax.grad(lambda x, a, b: jnp.sum(cot * leaf(x, w, a, b)), argnums=(0, 1, 2))
   assert (d_in, d_out) not in _dot_shapes(frozen, x, a, b)
   assert ("concatenate" in _primitives(lambda x: leaf(x, w, a, b), x)) == (d_out > d_in)
+  dx_only = jax.grad(lambda x: jnp.sum(cot * leaf(x, w, a, b)))
+  assert ("concatenate" in _primitives(dx_only, x)) == (d_out != d_in)
   one_row = x[:1, :1]  # a decode step: copying w would cost more than the add it saves
-  assert "concatenate" not in _primitives(lambda x: leaf(x, w, a, b), one_row)
+  assert "concatenate" not in _primitives(jax.grad(lambda x: jnp.sum(leaf(x, w, a, b))),
+                                          one_row)
   np.testing.assert_allclose(leaf(one_row, w, a, b), plain(one_row, w, a, b), rtol=1e-5,
                              atol=1e-5)
 
+
+@pytest.mark.parametrize("d_in,d_out", [(8, 24), (24, 8)])
+def test_lora_kernel_joined_matmul_with_dropout(d_in, d_out):
+  """With LoRA dropout the adapter reads dropout(x), not x: the joined projection's values
+  and gradients (x through both the base and the masked adapter input, a, b) against the
+  two-product form with the same mask."""
+  from jaxtune.peft import lora_kernel
+  rng = np.random.default_rng(1)
+  x, w, a, b = (jnp.asarray(rng.normal(size=s), jnp.float32)
+                for s in ((2, 5, d_in), (d_in, d_out), (d_in, 3), (3, d_out)))
+  cot = jnp.asarray(rng.normal(size=(2, 5, d_out)), jnp.float32)
+  key, rate = jax.random.PRNGKey(3), 0.25
+  mask = jax.random.bernoulli(key, 1 - rate, x.shape)
+  assert 0 < int(mask.sum()) < mask.size
+  plain = lambda x, a, b: (jnp.einsum("btd,df->btf", x, w)
+                           + 2.0 * (jnp.where(mask, x / (1 - rate), 0.0) @ a) @ b)
+  leaf = lambda x, a, b: lora_kernel.LoraKernel(w=w, a=a, b=b, key=key, scale=2.0,
+                                                dropout=rate).linear(x)
+  np.testing.assert_allclose(leaf(x, a, b), plain(x, a, b), rtol=1e-5, atol=1e-5)
+  grads = [jax.grad(lambda *p, f=f: jnp.sum(cot * f(*p)), argnums=(0, 1, 2))(x, a, b)
+           for f in (leaf, plain)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert ("concatenate" in _primitives(lambda x: leaf(x, a, b), x)) == (d_out > d_in)

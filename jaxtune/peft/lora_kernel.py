@@ -21,8 +21,9 @@ leaf. `scale` and `dropout` are static (aux) data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +76,14 @@ class LoraKernel:
       keep = 1.0 - self.dropout
       xl = jnp.where(jax.random.bernoulli(self.key, keep, x.shape), x / keep,
                      jnp.zeros((), x.dtype))
-    xa = jnp.einsum("...d,dr->...r", xl, a)  # [..., r]
-    if _joins(self.w, x):
-      y = joined_matmul(x, self.scale * xa, self.w.astype(x.dtype), b)
+    join = _joins(self.w, x)
+    if join is not None:  # the whole projection in one custom VJP (dense 2-D base)
+      y = lora_matmul(x, xl, a, self.w.astype(x.dtype), b,
+                      Join(self.scale, *join, tied=xl is x))
       return y if bias is None else y + bias.astype(y.dtype)
+    xa = jnp.einsum("...d,dr->...r", xl, a)  # [..., r]
     y = layers.linear(x, self.w, bias=bias)
     return y + (self.scale * jnp.einsum("...r,rf->...f", xa, b))
-
 
   @classmethod
   def concat_out(cls, kernels: list) -> "LoraKernel | None":
@@ -120,58 +122,89 @@ class LoraKernel:
 jax.tree_util.register_dataclass(LoraKernel)
 
 
-def _joins(w, x) -> bool:
-  """Whether the projection takes `joined_matmul`: a dense 2-D base (a 4-bit QArray keeps
-  its own matmul) whose output is wider than its input (gate and up of a Llama MLP), with
-  enough rows that the add it saves (3 passes over [rows, out]) outweighs the copies it
-  makes (x once, [rows, in], and w + b once, [in, out]), both counted read + write. Decode
-  steps (a few rows) keep two products: there the copy of w would dominate. On an H200
-  (docs/BENCHMARKS.md) a joined 2048 -> 8192 projection over 16k rows ran faster than two
-  products and an add, a joined square one slower."""
-  if not (isinstance(w, jax.Array) and w.ndim == 2 and w.shape[1] > w.shape[0]):
-    return False
+def _joins(w, x) -> tuple[bool, bool] | None:
+  """(join the forward, join the backward's dx) for `lora_matmul`, or None: two products
+  and an add both ways (the plain path). Only a dense 2-D base (a 4-bit QArray keeps its
+  own matmul), and only the wide side of a non-square projection: the forward when the
+  output is wider than the input (gate and up of a Llama MLP), dx when the input is wider
+  (down, and k and v with grouped-query heads). A join saves an add over [rows, wide]
+  (3 passes) and costs copies of the narrow side [rows, narrow] and of w (read + write
+  each), so it needs enough rows: decode steps keep two products, where the copy of w
+  would dominate. On an H200 (docs/BENCHMARKS.md) a joined 2048 -> 8192 forward over 16k
+  rows ran faster than two products and an add, a joined square one slower."""
+  if not (isinstance(w, jax.Array) and w.ndim == 2) or w.shape[0] == w.shape[1]:
+    return None
   rows = math.prod(x.shape[:-1])
-  k, n = w.shape
-  return 3 * rows * n > 2 * rows * k + 2 * k * n
+  narrow, wide = sorted(w.shape)
+  if 3 * rows * wide <= 2 * rows * narrow + 2 * narrow * wide:
+    return None
+  return w.shape[1] > w.shape[0], w.shape[0] > w.shape[1]
 
 
-@jax.custom_vjp
-def joined_matmul(x: jax.Array, u: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """x [..., in] @ w [in, out] + u [..., r] @ b [r, out], the forward as ONE matmul:
-  [x, u] @ [w; b].
+class Join(NamedTuple):
+  """`lora_matmul`'s static settings: the adapter scale, which side is one GEMM, and
+  `tied`: the adapter reads x itself (no dropout), so dx may take the adapter's term."""
+  scale: float
+  forward: bool
+  backward: bool
+  tied: bool
 
-  A LoRA projection with u = scale * x @ a. Left as two products and an add, XLA writes the
-  adapter product [..., out] to memory and adds it in a separate pass (it does not
-  accumulate it into the base GEMM); joined along the contraction, the adapter costs a copy
-  of x and of w instead (in << out for gate/up), and the adapter product is not kept for
-  the backward. The backward stays three products (dx = dy @ w^T, du = dy @ b^T,
-  db = u^T @ dy; joined as dy @ [w; b]^T it measured no better end to end). dw is formed
-  only when w is differentiated (a frozen LoRA base is not).
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def lora_matmul(x: jax.Array, xl: jax.Array, a: jax.Array, w: jax.Array, b: jax.Array,
+                how: Join) -> jax.Array:
+  """x [..., in] @ w [in, out] + scale * (xl [..., in] @ a [in, r]) @ b [r, out], a LoRA
+  projection (xl: the adapter's input, x itself or x after dropout).
+
+  Left to autodiff as two products and an add, XLA writes the adapter's [..., out] product
+  to memory and adds it in a separate pass (it does not accumulate it into the base GEMM),
+  and the backward does the same for dx over [..., in]. Here the wide side is one GEMM,
+  joined along the contraction:
+  - forward (out > in): [x, u] @ [w; b], u = scale * xl @ a: a copy of x and of w instead
+    of the add, and the adapter's [..., out] product is never kept for the backward;
+  - dx (in > out, tied): [dy, g] @ [w, a]^T, g = scale * dy @ b^T.
+  da, db (and dw only when w is differentiated: a frozen LoRA base is not) are their own
+  products. (dy @ [w; b]^T, joining the forward's dx and du instead, measured no better.)
   """
-  return jnp.einsum("...k,kn->...n", jnp.concatenate([x, u], axis=-1),
-                    jnp.concatenate([w, b], axis=0))
+  return _forward(x, xl, a, w, b, how)[0]
 
 
-def _joined_fwd(x, u, w, b):
+def _forward(x, xl, a, w, b, how):
+  u = how.scale * jnp.einsum("...d,dr->...r", xl, a)
+  if how.forward:
+    return jnp.einsum("...k,kn->...n", jnp.concatenate([x, u], axis=-1),
+                      jnp.concatenate([w, b], axis=0)), u
+  return jnp.einsum("...d,df->...f", x, w) + jnp.einsum("...r,rf->...f", u, b), u
+
+
+def _lora_fwd(x, xl, a, w, b, how):
   need_w = w.perturbed
-  x, u, w, b = x.value, u.value, w.value, b.value
-  return joined_matmul(x, u, w, b), (x, u, w, b, jnp.zeros(()) if need_w else None)
+  x, xl, a, w, b = x.value, xl.value, a.value, w.value, b.value
+  y, u = _forward(x, xl, a, w, b, how)
+  return y, (x, None if how.tied else xl, u, a, w, b, jnp.zeros(()) if need_w else None)
 
 
-def _joined_bwd(res, dy):
-  x, u, w, b, marker = res
+def _lora_bwd(how, res, dy):
+  x, xl, u, a, w, b, marker = res
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-    return None, None, None, None
+    return None, None, None, None, None
   lead = "abcdefgh"[:x.ndim - 1]
   outer = lambda p, q: jnp.einsum(f"{lead}k,{lead}n->kn", p, q,
                                   preferred_element_type=jnp.float32)  # p^T @ q
-  dx = jnp.einsum("...n,kn->...k", dy, w)
-  du = jnp.einsum("...n,rn->...r", dy, b)
+  g = how.scale * jnp.einsum("...n,rn->...r", dy, b)  # d(xl @ a)
+  db = outer(u, dy).astype(b.dtype)
+  da = outer(x if how.tied else xl, g).astype(a.dtype)
   dw = outer(x, dy).astype(w.dtype) if marker is not None else None
-  return dx, du, dw, outer(u, dy).astype(b.dtype)
+  if how.tied and how.backward:
+    dx = jnp.einsum("...n,kn->...k", jnp.concatenate([dy, g], axis=-1),
+                    jnp.concatenate([w, a], axis=-1))
+    return dx, None, da, dw, db
+  dx = jnp.einsum("...n,kn->...k", dy, w)
+  dxl = jnp.einsum("...r,kr->...k", g, a)
+  return (dx + dxl, None, da, dw, db) if how.tied else (dx, dxl, da, dw, db)
 
 
-joined_matmul.defvjp(_joined_fwd, _joined_bwd, symbolic_zeros=True)
+lora_matmul.defvjp(_lora_fwd, _lora_bwd, symbolic_zeros=True)
 
 
 def is_lora_kernel(x: Any) -> bool:
