@@ -56,6 +56,9 @@ def define_runtime_flags():
                       "~/.cache/jaxtune/xla on GPU / TPU, off on CPU. A step compiled once (by "
                       "the memory planner, an earlier run, or before a resume) is loaded, not "
                       "compiled again.")
+  flags.DEFINE_float("compile_cache_max_gib", 20.0, "Bound on the persistent compilation "
+                     "cache's size in GiB: beyond it the least recently used executables are "
+                     "deleted. 0: no bound.")
 
 
 def _cluster_detected() -> bool:
@@ -98,17 +101,20 @@ def setup_runtime() -> None:
       kwargs = dict(coordinator_address=FLAGS.coordinator_address,
                     num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     jax.distributed.initialize(**kwargs)
-  compile_cache(FLAGS.compile_cache)
+  compile_cache(FLAGS.compile_cache, FLAGS.compile_cache_max_gib)
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def compile_cache(where: str) -> str | None:
+def compile_cache(where: str, max_gib: float = 20.0) -> str | None:
   """Turns on XLA's persistent compilation cache (`--compile_cache`); returns its directory.
 
   Keyed by the program, its shardings and the compiler, so a hit is the same executable:
   the train step the memory planner compiles (model.remat=auto, train.micro_batch=auto) is
   then the one the run loads, and a resumed or repeated run skips its compiles. 'auto' leaves
-  CPU off (its compiles are short; the test suite runs there).
+  CPU off (its compiles are short; the test suite runs there). `max_gib` > 0 bounds its size
+  (`--compile_cache_max_gib`): JAX deletes the least recently used entries beyond it (its
+  eviction needs the `filelock` package, which huggingface_hub already brings; without it
+  the cache stays unbounded, with a warning).
   """
   import jax
   if where == "auto":
@@ -118,6 +124,13 @@ def compile_cache(where: str) -> str | None:
              or os.path.join(os.path.expanduser("~"), ".cache", "jaxtune", "xla"))
   if where in ("", "off"):
     return None
+  if max_gib > 0:
+    if importlib.util.find_spec("filelock") is None:
+      logging.getLogger("jaxtune").warning(
+          "--compile_cache_max_gib=%s: the filelock package is missing, so the compilation "
+          "cache at %s has no size bound (pip install filelock)", max_gib, where)
+    else:
+      jax.config.update("jax_compilation_cache_max_size", int(max_gib * 2**30))
   jax.config.update("jax_compilation_cache_dir", where)
   return where
 

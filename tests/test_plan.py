@@ -254,6 +254,37 @@ def test_the_run_loads_the_step_the_planner_compiled(tmp_path):
                      env=env, cwd=lu.ROOT, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert "model.remat=auto: dots_no_batch; predicted peak" in p.stdout
-  steps = [f for f in os.listdir(cache) if f.startswith("jit_train_step-")]
+  # the size bound (--compile_cache_max_gib, on by default) stores each entry as
+  # KEY-cache beside its KEY-atime
+  steps = [f for f in os.listdir(cache) if f.startswith("jit_train_step-")
+           and f.endswith("-cache")]
   assert len(steps) == 1, sorted(os.listdir(cache))
   assert len(lu.losses(str(tmp_path / "run"))) == 2
+
+
+@pytest.mark.parametrize("max_gib", [0.0, 12000 / 2**30])
+def test_compile_cache_size_bound(tmp_path, max_gib):
+  """--compile_cache_max_gib: with a bound, the least recently used executables are deleted
+  beyond it (8 programs of ~3 KB each on CPU against 12,000 bytes: the newest kept, under
+  the bound); 0 keeps every one."""
+  import subprocess
+  import sys
+  cache = tmp_path / "xla"
+  code = f"""
+import sys; sys.path.insert(0, "launch")
+import common, jax, jax.numpy as jnp
+assert common.compile_cache({str(cache)!r}, max_gib={max_gib!r}) == {str(cache)!r}
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+for i in range(8):
+  jax.jit(lambda x, i=i: jnp.sin(x) * i + jnp.cos(x) ** (i + 1))(jnp.ones(16)).block_until_ready()
+"""
+  p = subprocess.run([sys.executable, "-c", code], env=lu.env(1), cwd=lu.ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  files = {f: os.path.getsize(cache / f) for f in os.listdir(cache)}
+  if not max_gib:
+    assert len([f for f in files if f.startswith("jit__lambda-")]) == 8, sorted(files)
+    return
+  kept = {f: n for f, n in files.items() if f.endswith("-cache")}
+  assert 1 <= len(kept) < 8 and sum(kept.values()) <= 12000, files
