@@ -18,9 +18,11 @@ lives inside XLA's temporaries, and activations are the rest of the temporaries.
 The device limit is `train.device_memory_gib` when set, else the device's own allocator
 limit (`memory_stats()["bytes_limit"]` on GPU / TPU); CPU reports none, so the plan has
 bytes and no verdict. `train.micro_batch=auto` keeps `data.batch_size` (the global batch)
-and searches, by bisection over the micro-batches that split evenly over the batch shards,
-for the largest whose peak stays under (1 - train.memory_margin) x the limit, then sets
-`optim.grad_accum` to match (accumulation is exact: the same update as the full batch).
+and searches the micro-batches that split evenly over the batch shards for the largest whose
+peak stays under (1 - train.memory_margin) x the limit (the whole batch; then the one the
+whole batch's activations, scaled, predict to fit, and its larger neighbour; bisection when
+that guess is wrong), then sets `optim.grad_accum` to match (accumulation is exact: the same
+update as the full batch).
 
 `model.remat=auto` tries the remat policies fastest first (REMAT_CHOICES: none, dots_no_batch,
 full with unrolled layers; dots_no_batch, full with scanned ones, where no remat was measured
@@ -28,7 +30,7 @@ slower) and takes the first with which the step fits; with
 `train.micro_batch=auto` too, the first whose micro-batch is the whole batch or holds at least
 MIN_MICRO_TOKENS tokens per device (else the one that fits the most rows). Remat changes
 only what the backward pass recomputes, never the update. With no device limit (CPU) it is
-the fastest. Each policy tried costs one compile (a bisection, with micro_batch=auto).
+the fastest. Each policy tried costs one compile (a search, with micro_batch=auto).
 
 Methods planned: sft, dpo (reference frozen, adapters_off or none) and reward; distill
 (a teacher to load) and grpo (rollouts) are refused with a one-line error.
@@ -78,10 +80,7 @@ def estimate(job: Abstract, grad_accum: int) -> dict:
   inputs = device_bytes((job.state, job.frozen, job.batch))
   total = inputs + xla["output"] - xla["alias"] + xla["temp"]
   trainable = job.state.trainable
-  grads = device_bytes(trainable)
-  if grad_accum > 1:  # float32 sums over the micro-batches next to each micro-batch's grads
-    grads += sum(device_bytes(x) // np.dtype(x.dtype).itemsize * 4
-                 for x in jax.tree_util.tree_leaves(trainable))
+  grads = device_bytes(trainable) + (accumulator_bytes(job) if grad_accum > 1 else 0)
   frozen = dict(job.frozen)
   base = frozen.pop("base", {})
   per_device = {
@@ -124,6 +123,13 @@ def batch_shards(mesh) -> int:
   return int(np.prod([dict(mesh.shape).get(a, 1) for a in sharding.RULES["batch"]]))
 
 
+def accumulator_bytes(job: Abstract) -> int:
+  """Per device: the float32 sums over the micro-batches that gradient accumulation keeps
+  next to each micro-batch's gradients."""
+  return sum(device_bytes(x) // np.dtype(x.dtype).itemsize * 4
+             for x in jax.tree_util.tree_leaves(job.state.trainable))
+
+
 def micro_batches(cfg: config_lib.TrainConfig, mesh) -> list[int]:
   """Micro-batch sizes (descending) that divide data.batch_size and split evenly over the
   batch shards (batch_shards)."""
@@ -131,10 +137,23 @@ def micro_batches(cfg: config_lib.TrainConfig, mesh) -> list[int]:
   return [m for m in range(b, 0, -1) if b % m == 0 and m % shards == 0]
 
 
+def _guess(whole: dict, sizes: list[int], budget: float, acc: int) -> int:
+  """Index of the largest micro-batch predicted to fit, from the whole batch's estimate:
+  activations scaled by the micro-batch, plus the float32 accumulators (the last index when
+  none is predicted to)."""
+  for i, m in enumerate(sizes):
+    act = whole["per_device"]["activations"] * (1 - m / sizes[0])
+    if whole["total"] - act + (acc if m < sizes[0] else 0) <= budget:
+      return i
+  return len(sizes) - 1
+
+
 def search(job: Abstract, limit: int, margin: float) -> tuple[dict | None, list[dict]]:
   """(the largest micro-batch's estimate whose peak <= (1 - margin) x limit, or None;
-  every estimate made, largest first): the whole batch first, then the smallest, then
-  bisection between them (the peak grows with the micro-batch)."""
+  every estimate made, largest first). The whole batch first (one compile when it fits);
+  then the micro-batch its estimate predicts to fit (`_guess`) and its larger neighbour,
+  which settle it when the guess is right; else bisection between what fits and what
+  does not (the peak grows with the micro-batch)."""
   sizes = micro_batches(job.cfg, job.mesh)
   if not sizes:
     raise config_lib.ConfigError(
@@ -154,18 +173,34 @@ def search(job: Abstract, limit: int, margin: float) -> tuple[dict | None, list[
                 "fits" if tried[m]["fits"] else "too big")
     return tried[m]["fits"]
 
-  lo, hi = 0, len(sizes) - 1  # the answer is the first index that fits
-  if fits(lo):  # the whole batch at once: one compile
-    return tried[sizes[lo]], list(tried.values())
-  if not fits(hi):
-    return None, list(tried.values())
-  while lo < hi:
+  done = lambda i: (tried[sizes[i]] if i is not None else None,
+                    sorted(tried.values(), key=lambda e: -e["micro_batch"]))
+  if fits(0):
+    return done(0)
+  if len(sizes) == 1:
+    return done(None)
+  lo, hi = 0, None  # sizes[lo] does not fit; sizes[hi] fits (None: none known to)
+  guess = max(_guess(tried[sizes[0]], sizes, budget, accumulator_bytes(job)), 1)
+  if fits(guess):
+    hi = guess
+    if guess - 1 > lo:  # its larger neighbour: the next guess up
+      if fits(guess - 1):
+        hi = guess - 1
+      else:
+        lo = guess - 1
+  else:
+    lo = guess
+    last = len(sizes) - 1
+    if lo == last or not fits(last):
+      return done(None)
+    hi = last
+  while hi - lo > 1:
     mid = (lo + hi) // 2
     if fits(mid):
       hi = mid
     else:
-      lo = mid + 1
-  return tried[sizes[lo]], sorted(tried.values(), key=lambda e: -e["micro_batch"])
+      lo = mid
+  return done(hi)
 
 
 def _fit(job: Abstract, limit: int | None, margin: float) -> tuple[dict | None, list[dict]]:
