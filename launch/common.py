@@ -114,7 +114,9 @@ def compile_cache(where: str, max_gib: float = 20.0) -> str | None:
   CPU off (its compiles are short; the test suite runs there). `max_gib` > 0 bounds its size
   (`--compile_cache_max_gib`): JAX deletes the least recently used entries beyond it (its
   eviction needs the `filelock` package, which huggingface_hub already brings; without it
-  the cache stays unbounded, with a warning).
+  the cache stays unbounded, with a warning). A cache in a bucket (gs://...) is left
+  unbounded: JAX's eviction takes a lock file around every cache read and write, which on a
+  bucket is untested here.
   """
   import jax
   if where == "auto":
@@ -124,7 +126,11 @@ def compile_cache(where: str, max_gib: float = 20.0) -> str | None:
              or os.path.join(os.path.expanduser("~"), ".cache", "jaxtune", "xla"))
   if where in ("", "off"):
     return None
-  if max_gib > 0:
+  if max_gib > 0 and "://" in where:  # eviction locks a file around every read and write
+    logging.getLogger("jaxtune").info(
+        "--compile_cache_max_gib: the compilation cache at %s is not on a local disk; it is "
+        "not bounded", where)
+  elif max_gib > 0:
     if importlib.util.find_spec("filelock") is None:
       logging.getLogger("jaxtune").warning(
           "--compile_cache_max_gib=%s: the filelock package is missing, so the compilation "

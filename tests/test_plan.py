@@ -324,3 +324,22 @@ for i in range(8):
     return
   kept = {f: n for f, n in files.items() if f.endswith("-cache")}
   assert 1 <= len(kept) < 8 and sum(kept.values()) <= 12000, files
+
+
+def test_compile_cache_in_a_bucket_is_not_bounded():
+  """A cache in a bucket keeps JAX's default, no bound (its eviction would take a lock file
+  around every read and write there); a local one gets the bound in bytes."""
+  import subprocess
+  import sys
+  code = """
+import sys; sys.path.insert(0, "launch")
+import common, jax
+common.compile_cache("gs://bucket/xla", max_gib=2.0)
+print(jax.config.jax_compilation_cache_max_size)
+common.compile_cache("/tmp/jaxtune-unused-cache-dir", max_gib=2.0)
+print(jax.config.jax_compilation_cache_max_size)
+"""
+  p = subprocess.run([sys.executable, "-c", code], env=lu.env(1), cwd=lu.ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert p.stdout.split() == ["-1", str(2 * 2**30)], p.stdout
