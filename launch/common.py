@@ -126,7 +126,8 @@ def compile_cache(where: str, max_gib: float = 20.0) -> str | None:
              or os.path.join(os.path.expanduser("~"), ".cache", "jaxtune", "xla"))
   if where in ("", "off"):
     return None
-  if max_gib > 0 and "://" in where:  # eviction locks a file around every read and write
+  from jaxtune import storage  # pylint: disable=g-import-not-at-top
+  if max_gib > 0 and storage.is_remote(where):  # eviction locks a file at every read, write
     logging.getLogger("jaxtune").info(
         "--compile_cache_max_gib: the compilation cache at %s is not on a local disk; it is "
         "not bounded", where)

@@ -58,10 +58,9 @@ def logits(cfg: config_lib.ModelConfig, params: dict, h: jax.Array,
   does (its lm_head runs in bf16), and the decode step's largest GEMM writes half the bytes.
   """
   w, transposed = kernel(cfg, params)
-  if transposed:
-    out = jnp.einsum("btd,vd->btv", h, w.astype(h.dtype), preferred_element_type=product_dtype)
-  elif isinstance(w, jax.Array):
-    out = jnp.einsum("btd,dv->btv", h, w.astype(h.dtype), preferred_element_type=product_dtype)
+  if transposed or isinstance(w, jax.Array):  # tied embedding [V, D] or dense lm_head [D, V]
+    spec = "btd,vd->btv" if transposed else "btd,dv->btv"
+    out = jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=product_dtype)
   else:  # an lm_head leaf with its own matmul (4-bit, adapter): written in h's dtype
     out = layers.linear(h, w)
   return softcap(cfg, out.astype(jnp.float32))
